@@ -1,0 +1,1 @@
+"""splitnode: phase-split LLM serving on one machine."""

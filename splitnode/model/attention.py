@@ -1,0 +1,85 @@
+"""Attention over the paged KV cache, for a flat batch of decodes and prefill chunks.
+
+The batch is flat: every sequence's new tokens are concatenated, decodes first (one token each),
+then prefill chunks. Metadata travels in an explicit `AttentionContext` handed down the forward
+call, never through a module-level global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from splitnode.kernels.paged_attention import paged_decode_attention
+from splitnode.kernels.store_kv import store_kv
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's new tokens in the flat batch: rows [q_start, q_start + q_len), which sit at
+    positions [ctx_len - q_len, ctx_len) of the sequence."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    slots: torch.Tensor | None  # [ctx_len] cache slots of every position, when ctx_len > q_len
+
+
+@dataclass
+class AttentionContext:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, Hkv, D] x2
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token (-1: not stored)
+    num_decodes: int = 0
+    block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32, -1 padded
+    context_lens: torch.Tensor | None = None  # [num_decodes] int32, tokens in cache incl. the new one
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    # Called with the layer index once that layer's K/V for this batch is in the cache: the hook the
+    # layer-wise KV transfer hangs on.
+    layer_hook: Callable[[int], None] | None = None
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int, scale: float
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] (rotary already applied) -> [T, H * D].
+
+    Stores k/v into the layer's cache first, then attends over the cache."""
+    k_cache, v_cache = ctx.kv_caches[layer]
+    store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    if ctx.layer_hook is not None:
+        ctx.layer_hook(layer)
+    num_tokens, num_heads, head_dim = q.shape
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    nd = ctx.num_decodes
+    if nd:
+        out[:nd] = paged_decode_attention(
+            q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale
+        )
+    for chunk in ctx.prefills:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        if chunk.slots is None:  # the whole context is in this batch: use it as computed
+            ks, vs = k[rows], v[rows]
+        else:
+            ks = k_cache.flatten(0, 1).index_select(0, chunk.slots)
+            vs = v_cache.flatten(0, 1).index_select(0, chunk.slots)
+        out[rows] = _causal_attention(q[rows], ks, vs, scale)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Lq, H, D] at the last Lq positions of k/v [Lk, Hkv, D]."""
+    lq, lk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if lq == lk:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)

@@ -1,0 +1,1 @@
+"""The Textual dashboard (installed as splitnode.tui)."""
