@@ -1,1 +1,9 @@
 """splitnode: phase-split LLM serving on one machine."""
+
+from splitnode.config import EngineConfig
+from splitnode.llm import LLM
+from splitnode.outputs import RequestOutput
+from splitnode.sampling import Logprob, SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "Logprob", "RequestOutput", "SamplingParams"]
+__version__ = "0.1.0"

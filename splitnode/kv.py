@@ -1,0 +1,123 @@
+"""Paged KV cache: the block pool (accounting, reservations under a lease) and its tensors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from splitnode.sequence import Sequence
+
+
+@dataclass
+class Reservation:
+    blocks: list[int]
+    expires_at: float
+
+
+class BlockPool:
+    """Blocks of `block_size` token slots, shared by all layers (block b is row b of every layer's
+    cache). Allocation and free are exact: `num_free + num_used + num_reserved == num_blocks` at all
+    times. Thread-safe: the router reserves from the loop thread while the worker allocates."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._reservations: dict[object, Reservation] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_reserved(self) -> int:
+        return sum(len(r.blocks) for r in self._reservations.values())
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free)
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        with self._lock:
+            if num_blocks > len(self._free):
+                raise RuntimeError(f"KV pool exhausted: {num_blocks} blocks asked, {len(self._free)} free")
+            return [self._free.popleft() for _ in range(num_blocks)]
+
+    def free(self, blocks: list[int]) -> None:
+        with self._lock:
+            self._free.extend(blocks)
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.can_allocate(max(0, self.blocks_for(num_tokens) - len(seq.block_table)))
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make seq's block table cover its first `num_tokens` tokens."""
+        extra = self.blocks_for(num_tokens) - len(seq.block_table)
+        if extra > 0:
+            seq.block_table.extend(self.allocate(extra))
+
+    def release(self, seq: Sequence) -> None:
+        self.free(seq.block_table)
+        seq.block_table = []
+
+    # Reservations: a destination's blocks held for a request that is still being prefilled
+    # elsewhere. A lease that is neither claimed nor renewed in time returns its blocks.
+
+    def reserve(self, key: object, num_blocks: int, lease_s: float) -> list[int] | None:
+        with self._lock:
+            if num_blocks > len(self._free):
+                return None
+            blocks = [self._free.popleft() for _ in range(num_blocks)]
+            self._reservations[key] = Reservation(blocks, time.monotonic() + lease_s)
+            return blocks
+
+    def claim(self, key: object) -> list[int] | None:
+        """Take the reserved blocks over (they become a sequence's); None if the lease is gone."""
+        with self._lock:
+            r = self._reservations.pop(key, None)
+            return None if r is None else r.blocks
+
+    def renew(self, key: object, lease_s: float) -> bool:
+        with self._lock:
+            r = self._reservations.get(key)
+            if r is not None:
+                r.expires_at = time.monotonic() + lease_s
+            return r is not None
+
+    def cancel(self, key: object) -> None:
+        with self._lock:
+            r = self._reservations.pop(key, None)
+            if r is not None:
+                self._free.extend(r.blocks)
+
+    def expire(self, now: float | None = None) -> list[object]:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            dead = [k for k, r in self._reservations.items() if r.expires_at <= now]
+            for k in dead:
+                self._free.extend(self._reservations.pop(k).blocks)
+            return dead
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One tensor for the whole cache; per layer a contiguous (K, V) view [num_blocks, block_size,
+    Hkv, D]. Zeroed, so padding rows read finite values."""
+    kv = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    return [(kv[0, layer], kv[1, layer]) for layer in range(num_layers)]
