@@ -1,7 +1,9 @@
 """The machine-level scheduler: picks the next batch of one worker from its role.
 
 - prompt: prefill chunks FCFS under the token budget;
-- token:  every running decode, as many as memory allows (continuous batching);
+- token:  every running decode, as many as memory allows (continuous batching), then the
+  recomputes it holds (a preempted decode, a request whose KV transfer failed); the router never
+  gives it a fresh prompt;
 - mixed:  chunked prefills plus decodes in one batch, prompts first; a decode left out of
   `decode_max_skips` batches goes before the prompts, so its priority grows with age.
 When blocks run out the newest running sequence is preempted (its cache dropped, recomputed later);
@@ -17,7 +19,8 @@ from splitnode.config import EngineConfig
 from splitnode.kv import BlockPool
 from splitnode.sequence import Sequence, SeqStatus
 
-PHASES = {"prompt": (True, False), "token": (False, True), "mixed": (True, True)}
+# role -> (runs prefill chunks, runs decodes)
+PHASES = {"prompt": (True, False), "token": (True, True), "mixed": (True, True)}
 
 
 @dataclass
@@ -105,7 +108,7 @@ class Batcher:
 
         ready = [s for s in self.running if s.is_decode] if decode_ok else []
         ready.sort(key=lambda s: -s.num_skipped)  # stable: older first among equals
-        if prefill_ok and decode_ok:
+        if self.role == "mixed":
             urgent = [s for s in ready if s.num_skipped >= self.config.decode_max_skips]
         else:
             urgent = ready

@@ -50,16 +50,21 @@ class RequestState:
             return full[len(prefix):]
         return ""
 
-    def update(self) -> RequestOutput:
+    def update(self, num_out: int | None = None, finish_reason: str | None = None) -> RequestOutput:
         """The event for the tokens the sequence gained since the last call. Sets
-        `stopped_by_string` when a stop string ended the request (the caller aborts the sequence)."""
+        `stopped_by_string` when a stop string ended the request (the caller aborts the sequence).
+
+        A caller on another thread than the sequence's worker passes the snapshot the worker took
+        (outputs count, finish reason) so the event never mixes two steps."""
         seq = self.seq
-        ids = seq.output_token_ids
+        if num_out is None:
+            num_out, finish_reason = len(seq.token_ids) - seq.num_prompt_tokens, seq.finish_reason
+        ids = seq.token_ids[seq.num_prompt_tokens:seq.num_prompt_tokens + num_out]
         new_ids = ids[self.num_seen:]
         self.num_seen = len(ids)
-        finished = seq.is_finished
+        finished = finish_reason is not None
         decode_ids = ids
-        if finished and seq.finish_reason == "stop" and ids and ids[-1] in seq.stop_ids:
+        if finished and finish_reason == "stop" and ids and ids[-1] in seq.stop_ids:
             decode_ids = ids[:-1]  # the EOS / stop id is not part of the text
         delta = self._decode_new(decode_ids) if not self.stopped_by_string else ""
         if finished:  # flush characters held back for a possible continuation
@@ -68,7 +73,7 @@ class RequestState:
                                            skip_special_tokens=seq.params.skip_special_tokens)
             delta += tail[len(prefix):] if tail.startswith(prefix) else ""
             self._read = len(decode_ids)
-        reason = seq.finish_reason
+        reason = finish_reason
         if seq.params.stop and delta:
             before = len(self.text)
             self.text += delta
@@ -87,7 +92,8 @@ class RequestState:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(ids), text=self.text, new_token_ids=new_ids, delta=delta,
-            logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs, finished=finished,
+            logprobs=None if seq.logprobs is None else seq.logprobs[:num_out],
+            prompt_logprobs=seq.prompt_logprobs, finished=finished,
             finish_reason=self.finish_reason, metrics=self.metrics() if finished else {})
 
     def metrics(self) -> dict[str, float]:

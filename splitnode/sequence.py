@@ -42,6 +42,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.num_skipped = 0  # batches this decode waited out: its priority grows with it
+        # Runtime: set from the event loop; the worker owning the sequence frees it at its next step.
+        self.cancelled = False
+        # Runtime: the worker that decodes this sequence after its prefill here (None: this one)
+        # and the blocks reserved for it there.
+        self.dest = None
+        self.dest_blocks: list[int] | None = None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
