@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+try:  # optional: the CPU path needs only torch
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 def paged_decode_attention_ref(
@@ -13,14 +21,19 @@ def paged_decode_attention_ref(
     context_lens [B] int32. Returns [B, H, D] in q's dtype."""
     b, h, d = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    max_len = block_tables.shape[1] * block_size
+    if b == 0:
+        return q.new_empty(b, h, d)
+    # Gather only the blocks the longest context reaches, not all M columns of the table: the CPU
+    # engine calls this every decode step, and tables may be padded well past the batch's contexts.
+    num_blocks = min(block_tables.shape[1], -(-int(context_lens.max()) // block_size))
+    max_len = num_blocks * block_size
     pos = torch.arange(max_len, device=q.device)
-    tables = block_tables.long().clamp(min=0)
+    tables = block_tables[:, :num_blocks].long().clamp(min=0)
     slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
     k = k_cache.view(-1, hkv, d)[slots]  # [B, L, Hkv, D]
     v = v_cache.view(-1, hkv, d)[slots]
     g = h // hkv
-    qf = q.float().view(b, hkv, g, d)
+    qf = q.float().view(b, hkv, g, d)  # .float() is free when already float32
     scores = torch.einsum("bkgd,blkd->bkgl", qf, k.float()) * scale
     valid = pos[None, :] < context_lens[:, None].long()  # [B, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -29,5 +42,177 @@ def paged_decode_attention_ref(
     return out.reshape(b, h, d).to(q.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+        out_ptr, m_ptr, l_ptr,
+        q_stride_b, q_stride_h, bt_stride_b, max_blocks, scale_log2, part_len, num_splits,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr,
+    ):
+        """Program (b, kv head, split) attends the whole GQA group of query heads over tokens
+        [split * part_len, (split + 1) * part_len) of sequence b, so each K/V row is read once.
+
+        Without SPLIT (one split) it writes the normalised output [B, H, D]; with SPLIT it writes
+        float32 partials (running max m and sum l in log2 units, unnormalised acc [B, H, S, D])
+        that _paged_decode_reduce_kernel merges."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx_len = tl.load(context_lens_ptr + b)
+        start = split * part_len
+        end = tl.minimum(start + part_len, ctx_len)
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        g_mask = g < GROUP
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + b.to(tl.int64) * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+            mask=g_mask[:, None], other=0.0,
+        )
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        t = tl.arange(0, TILE)
+        table = block_tables_ptr + b.to(tl.int64) * bt_stride_b
+        for tile_start in range(start, end, TILE):
+            pos = tile_start + t
+            blk_idx = pos // BLOCK_SIZE
+            valid = (pos < end) & (blk_idx < max_blocks)
+            blk = tl.load(table + blk_idx, mask=valid, other=0)
+            valid = valid & (blk >= 0)  # a hole inside the context is a caller bug: never read it
+            rows = (blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * (HKV * D) + kvh * D
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            if F32_DOT:
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if F32_DOT:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        row = b.to(tl.int64) * (HKV * GROUP) + heads  # [GROUP_PAD] flat (b, h)
+        if not SPLIT:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            part = row * num_splits + split
+            tl.store(m_ptr + part, m_i, mask=g_mask)
+            tl.store(l_ptr + part, l_i, mask=g_mask)
+            tl.store(out_ptr + part[:, None] * D + d[None, :], acc, mask=g_mask[:, None])
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        acc_ptr, m_ptr, l_ptr, out_ptr, num_splits,
+        D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):
+        """Program per flat (b, h) row: merges its num_splits partial softmaxes."""
+        row = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, D)
+        s_mask = s < num_splits
+        part = row * num_splits + s
+        m = tl.load(m_ptr + part, mask=s_mask, other=float("-inf"))
+        l = tl.load(l_ptr + part, mask=s_mask, other=0.0)
+        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=s_mask[:, None], other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits weigh nothing
+        num = tl.sum(acc * w[:, None], 0)
+        den = tl.sum(l * w, 0)
+        out = num / tl.where(den > 0, den, 1.0)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+_LOG2E = 1.4426950408889634
+# Shortest stretch of context worth its own program when a small batch is split along the context.
+_MIN_SPLIT_LEN = 256
+
+
+def _needs_f32_dot(dtype: torch.dtype) -> bool:
+    """float32 caches take exact (not tf32) dots. So do bf16 ones under TRITON_INTERPRET: the
+    interpreter's numpy dot reads bf16 (stored as uint16) as integers."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting)
+
+
+def _auto_num_splits(q: torch.Tensor, num_programs: int, max_len: int) -> int:
+    """Split the context (flash-decoding) only when batch x kv heads leaves SMs idle."""
+    if not q.is_cuda:
+        return 1
+    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    want = triton.cdiv(2 * num_sms, num_programs)
+    return max(1, min(want, max_len // _MIN_SPLIT_LEN))
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Same contract as paged_decode_attention_ref. q's rows may be strided (a view of a fused QKV
+    output) but each head's D values must be contiguous. Contexts of length 0 give zeros.
+
+    num_splits: how many programs share one sequence's context (None: chosen from the GPU's SM
+    count and the batch). The choice depends only on shapes, so it is stable under CUDA graphs."""
+    b, h, d = q.shape
+    num_blocks, block_size, hkv, dk = k_cache.shape
+    assert dk == d and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert h % hkv == 0, f"{h} query heads over {hkv} kv heads"
+    assert d >= 16 and d & (d - 1) == 0, f"head_dim {d} must be a power of two >= 16"
+    assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
+    assert q.stride(2) == 1, f"q strides {q.stride()}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert block_tables.dim() == 2 and block_tables.shape[0] == b and block_tables.dtype == torch.int32
+    assert block_tables.stride(1) == 1, f"block_tables strides {block_tables.stride()}"
+    assert context_lens.shape == (b,) and context_lens.dtype == torch.int32 and context_lens.is_contiguous()
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
+    assert len(devices) == 1, devices
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+
+    group = h // hkv
+    max_blocks = block_tables.shape[1]
+    max_len = max_blocks * block_size
+    # ~8K elements of K (and of V) per tile, and never less than one whole block.
+    tile = max(block_size, min(128, 8192 // d), 16)
+    if num_splits is None:
+        num_splits = _auto_num_splits(q, b * hkv, max_len)
+    num_splits = max(1, min(num_splits, triton.cdiv(max_len, tile)))
+    part_len = triton.cdiv(triton.cdiv(max_len, num_splits), tile) * tile
+    meta = dict(
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HKV=hkv, D=d,
+        BLOCK_SIZE=block_size, TILE=tile, SPLIT=num_splits > 1, F32_DOT=_needs_f32_dot(q.dtype),
+    )
+    args = (q.stride(0), q.stride(1), block_tables.stride(0), max_blocks, scale * _LOG2E, part_len, num_splits)
+    grid = (b, hkv, num_splits)
+    if num_splits == 1:
+        _paged_decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, out, out, *args, **meta)
+        return out
+    acc = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _paged_decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, acc, m, l, *args, **meta)
+    _paged_decode_reduce_kernel[(b * h,)](
+        acc, m, l, out, num_splits, D=d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+    )
+    return out
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+    if triton is not None and q.is_cuda:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -1,0 +1,190 @@
+"""Check splitnode's Triton kernels on a CUDA GPU: correctness against the torch references at
+Llama-3-8B-like sizes, then decode-attention and KV pack/unpack bandwidth against a plain
+device-to-device copy.
+
+    PYTHONPATH=. python examples/gpu_check.py
+
+Needs only torch and triton. Prints "no CUDA" and exits 0 on a machine without a GPU; exits 1 if
+a kernel disagrees with its reference.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+
+# Import the kernels from this checkout's kernels/ folder (what setuptools installs as
+# splitnode.kernels), so the script runs without `pip install -e .` and without importing the
+# rest of splitnode and its dependencies.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from kernels.kv_pack import kv_pack_ref, kv_pack_triton, kv_unpack_ref, kv_unpack_triton  # noqa: E402
+from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton  # noqa: E402
+from kernels.store_kv import store_kv_ref, store_kv_triton  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+failures: list[str] = []
+
+
+def report(name: str, err: float, tol: float) -> None:
+    ok = err <= tol
+    print(f"  {name:<58} max abs err {err:.2e}  (tol {tol:.0e})  {'ok' if ok else 'MISMATCH'}")
+    if not ok:
+        failures.append(name)
+
+
+def make_pool(context_lens: list[int], dtype: torch.dtype, dev: str, spare_blocks: int = 64):
+    """Caches with every sequence's blocks scattered through the pool; tables -1 padded."""
+    blocks = [-(-n // BLOCK_SIZE) for n in context_lens]
+    num_blocks = sum(blocks) + spare_blocks
+    ids = torch.randperm(num_blocks, device=dev)
+    tables = torch.full((len(context_lens), max(blocks) + 1), -1, dtype=torch.int32, device=dev)
+    start = 0
+    for i, nb in enumerate(blocks):
+        tables[i, :nb] = ids[start:start + nb].int()
+        start += nb
+    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k = torch.randn(shape, device=dev, dtype=dtype)
+    v = torch.randn(shape, device=dev, dtype=dtype)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=dev)
+    return k, v, tables, lens
+
+
+def random_lens(batch: int, low: int, high: int, gen: torch.Generator) -> list[int]:
+    lens = torch.randint(low, high + 1, (batch,), generator=gen).tolist()
+    lens[0] = high  # the longest context is always present
+    return lens
+
+
+def check_attention(dev: str, gen: torch.Generator) -> None:
+    print("paged_decode_attention_triton vs reference")
+    cases = [
+        ("bf16 B=64 ctx 1..4096", torch.bfloat16, 64, 1, 4096, None),
+        ("bf16 B=64 ctx 1..4096 one split", torch.bfloat16, 64, 1, 4096, 1),
+        ("bf16 B=3 ctx 3000..4096 (split context)", torch.bfloat16, 3, 3000, 4096, None),
+        ("fp16 B=17 ctx 1..2049", torch.float16, 17, 1, 2049, None),
+        ("fp32 B=9 ctx 1..1000", torch.float32, 9, 1, 1000, None),
+    ]
+    for name, dtype, batch, low, high, splits in cases:
+        k, v, tables, lens = make_pool(random_lens(batch, low, high, gen), dtype, dev)
+        q = torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+        scale = HEAD_DIM**-0.5
+        out = paged_decode_attention_triton(q, k, v, tables, lens, scale, num_splits=splits)
+        ref = paged_decode_attention_ref(q, k, v, tables, lens, scale)
+        report(name, (out.float() - ref.float()).abs().max().item(), TOL[dtype])
+        del k, v, out, ref
+
+
+def check_store(dev: str) -> None:
+    print("store_kv_triton vs reference")
+    for dtype in (torch.bfloat16, torch.float32):
+        num_blocks, n = 4096, 4099
+        shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+        k_cache = torch.full(shape, float("nan"), device=dev, dtype=dtype)
+        v_cache = torch.full(shape, float("nan"), device=dev, dtype=dtype)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        slots = torch.randperm(num_blocks * BLOCK_SIZE, device=dev)[:n]
+        slots[::7] = -1
+        key = torch.randn(n, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
+        value = torch.randn(n, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
+        store_kv_triton(key, value, k_cache, v_cache, slots)
+        store_kv_ref(key, value, k_ref, v_ref, slots)
+        same = torch.equal(k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0)) and torch.equal(
+            v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+        report(f"{str(dtype)[6:]} {n} rows, every 7th skipped (exact)", 0.0 if same else float("inf"), 0.0)
+
+
+def check_pack(dev: str) -> None:
+    print("kv_pack_triton / kv_unpack_triton vs reference")
+    dtype, num_blocks, n = torch.bfloat16, 8192, 257
+    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k, v = torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype)
+    ids = torch.randperm(num_blocks, device=dev)[:n]
+    out = torch.full((2, n, *shape[1:]), float("nan"), device=dev, dtype=dtype)
+    out_ref = torch.empty_like(out)
+    kv_pack_triton(k, v, ids, out)
+    kv_pack_ref(k, v, ids, out_ref)
+    report(f"pack {n} blocks (exact)", 0.0 if torch.equal(out, out_ref) else float("inf"), 0.0)
+    k2, v2 = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    k2_ref, v2_ref = k2.clone(), v2.clone()
+    dst = torch.randperm(num_blocks, device=dev)[:n]
+    kv_unpack_triton(out, k2, v2, dst)
+    kv_unpack_ref(out, k2_ref, v2_ref, dst)
+    same = torch.equal(k2.nan_to_num(7.0), k2_ref.nan_to_num(7.0)) and torch.equal(v2.nan_to_num(7.0), v2_ref.nan_to_num(7.0))
+    report(f"unpack {n} blocks (exact)", 0.0 if same else float("inf"), 0.0)
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_rate(dev: str) -> float:
+    """Device-to-device copy of a 1 GiB buffer, in GB/s counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def bench_attention(dev: str, gen: torch.Generator, copy_gbs: float) -> None:
+    print("paged_decode_attention_triton bandwidth (K/V bytes read; ratio to copy read+write rate)")
+    dtype = torch.bfloat16
+    for batch, low, high in [(64, 1, 4096), (64, 4096, 4096), (256, 512, 1024), (8, 4096, 4096), (1, 4096, 4096)]:
+        lens = random_lens(batch, low, high, gen)
+        k, v, tables, lens_t = make_pool(lens, dtype, dev)
+        q = torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+        ms = bench_ms(lambda: paged_decode_attention_triton(q, k, v, tables, lens_t, HEAD_DIM**-0.5))
+        kv_bytes = 2 * sum(lens) * KV_HEADS * HEAD_DIM * k.element_size()
+        gbs = kv_bytes / ms / 1e6
+        print(f"  B={batch:<4} ctx {low}..{high:<5} {ms * 1e3:8.1f} us  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.2f}x copy")
+        del k, v
+
+
+def bench_pack(dev: str, copy_gbs: float) -> None:
+    print("kv_pack / kv_unpack bandwidth (bytes read + written; ratio to copy)")
+    dtype, num_blocks = torch.bfloat16, 16384
+    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k, v = torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype)
+    for n in (32, 256, 4096):  # one layer of a 512-, 4096- and 64K-token prompt
+        ids = torch.randperm(num_blocks, device=dev)[:n]
+        staging = torch.empty((2, n, *shape[1:]), device=dev, dtype=dtype)
+        moved = 2 * staging.numel() * staging.element_size()
+        for name, fn in [
+            ("pack", lambda: kv_pack_triton(k, v, ids, staging)),
+            ("unpack", lambda: kv_unpack_triton(staging, k, v, ids)),
+        ]:
+            ms = bench_ms(fn)
+            gbs = moved / ms / 1e6
+            print(f"  {name:<6} {n:5} blocks ({staging.numel() * 2 / 2**20:6.1f} MiB) {ms * 1e3:8.1f} us"
+                  f"  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.2f}x copy")
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA: nothing to check")
+        return 0
+    dev = "cuda"
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    check_attention(dev, gen)
+    check_store(dev)
+    check_pack(dev)
+    torch.cuda.empty_cache()
+    copy_gbs = copy_rate(dev)
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+    bench_attention(dev, gen, copy_gbs)
+    bench_pack(dev, copy_gbs)
+    if failures:
+        print(f"FAILED: {', '.join(failures)}")
+        return 1
+    print("all kernels match their references")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
