@@ -59,10 +59,14 @@ class Engine:
                                              mc.head_dim, self.dtype)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks(per_block, kv_share)
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings, num_blocks * config.block_size)
+        self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len,
+                                 num_blocks * config.block_size)
         self.kv_caches = allocate_kv_cache(mc.num_hidden_layers, num_blocks, config.block_size,
                                            mc.num_key_value_heads, mc.head_dim, self.dtype, self.device)
+        # A compute stream and a transfer stream per engine, so KV moves overlap compute.
+        cuda = self.device.type == "cuda"
+        self.compute_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.transfer_stream = torch.cuda.Stream(self.device) if cuda else None
         self.batcher = Batcher(config, self.pool, role)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.max_model_len,
                                   config.max_num_seqs, self.device, config.enforce_eager)

@@ -1,0 +1,103 @@
+"""Moves a sequence's KV blocks from one worker's pool to another's.
+
+Per layer: `kv_pack` gathers the blocks into a contiguous staging buffer on the source, one copy
+(`copy_(non_blocking=True)`: a peer copy between GPUs, through the host where there is no P2P link)
+moves it, `kv_unpack` scatters it into the destination's blocks. On CUDA the three run on the
+workers' transfer streams, ordered against the source's compute stream by an event, and a final
+event tells the destination when the KV is complete. On the CPU the same code runs synchronously
+with the torch references. Moves inside one device skip the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from splitnode.kernels.kv_pack import kv_pack, kv_unpack
+
+
+@dataclass
+class TransferStats:
+    num_transfers: int = 0  # layer (or whole-sequence) moves issued
+    num_sequences: int = 0
+    bytes_moved: int = 0
+    seconds: float = 0.0  # host time spent issuing (CUDA) or running (CPU) moves
+    num_failed: int = 0
+    in_flight: int = 0  # sequences whose KV is on its way
+
+
+class KVMover:
+    """One per runtime; called from the source worker's thread."""
+
+    def __init__(self):
+        self.stats = TransferStats()
+        self._lock = threading.Lock()
+
+    def send(self, src, dst, src_blocks: list[int], dst_blocks: list[int], layers: range) -> None:
+        """Copies `layers` of src_blocks (in src's pool) into dst_blocks (in dst's pool). `src`
+        and `dst` are engines with `.kv_caches`, `.device` and, on CUDA, `.compute_stream` and
+        `.transfer_stream`. On CUDA this only enqueues; `completion_event(dst)` marks the end."""
+        assert len(src_blocks) == len(dst_blocks), "source and destination block counts differ"
+        t0 = time.perf_counter()
+        src_ids = torch.tensor(src_blocks, dtype=torch.int64)
+        dst_ids = torch.tensor(dst_blocks, dtype=torch.int64)
+        nbytes = 0
+        cuda = src.device.type == "cuda"
+        if cuda:
+            src_ids = src_ids.to(src.device)
+            dst_ids = dst_ids.to(dst.device)
+            src.transfer_stream.wait_stream(src.compute_stream)  # the layer's K/V is written
+        for layer in layers:
+            k_src, v_src = src.kv_caches[layer]
+            k_dst, v_dst = dst.kv_caches[layer]
+            with _on(src):
+                staging = torch.empty((2, len(src_blocks), *k_src.shape[1:]), dtype=k_src.dtype, device=src.device)
+                kv_pack(k_src, v_src, src_ids, staging)
+            with _on(dst):
+                if cuda:
+                    dst.transfer_stream.wait_stream(src.transfer_stream)
+                    staging.record_stream(dst.transfer_stream)
+                if dst.device != src.device:
+                    remote = torch.empty_like(staging, device=dst.device)
+                    remote.copy_(staging, non_blocking=cuda)
+                    staging = remote
+                kv_unpack(staging, k_dst, v_dst, dst_ids)
+            nbytes += staging.numel() * staging.element_size()
+        with self._lock:
+            self.stats.num_transfers += 1
+            self.stats.bytes_moved += nbytes
+            self.stats.seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def completion_event(src, dst):
+        """After the last `send` of a sequence: an event the destination waits for (None on CPU).
+        The source's compute stream also waits for it, so the source blocks are not reused before
+        they are read."""
+        if dst.device.type != "cuda":
+            return None
+        if dst.device != src.device:
+            dst.transfer_stream.wait_stream(src.transfer_stream)
+        ev = torch.cuda.Event()
+        ev.record(dst.transfer_stream)
+        src.compute_stream.wait_event(ev)
+        return ev
+
+    def count(self, sequences: int = 0, failed: int = 0, in_flight: int = 0) -> None:
+        with self._lock:
+            self.stats.num_sequences += sequences
+            self.stats.num_failed += failed
+            self.stats.in_flight += in_flight
+
+
+def _on(engine):
+    """The engine's device and transfer stream (nothing to enter on the CPU)."""
+    if engine.device.type != "cuda":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(engine.device))
+    stack.enter_context(torch.cuda.stream(engine.transfer_stream))
+    return stack
