@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 
 
 def _read_json(file: Path) -> dict:
@@ -40,11 +39,6 @@ class Tokenizer:
             key: tok for key in ("bos_token", "eos_token", "unk_token", "pad_token")
             if (tok := _token_str(config.get(key))) is not None
         }
-        # transformers rebuilds the post-processor when tokenizer_config.json sets add_bos_token /
-        # add_eos_token explicitly (or when tokenizer.json has none); otherwise tokenizer.json's is used.
-        if "add_bos_token" in config or "add_eos_token" in config or self._tok.post_processor is None:
-            self._tok.post_processor = self._template_processor(
-                bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False)))
         self.chat_template = self._find_chat_template(path, config)
         self.eos_token_ids = self._find_eos_ids(path)
 
@@ -53,7 +47,9 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """As `AutoTokenizer(...)(text)["input_ids"]`. Text rendered by a chat template already holds
+        """As `AutoTokenizer(...)(text)["input_ids"]` in transformers 5: the special tokens added are
+        those of tokenizer.json's post-processor (tokenizer_config.json's add_bos_token does not
+        change them there either). Text rendered by a chat template already holds
         its special tokens: encode it with add_special_tokens=False, as transformers does."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -74,14 +70,6 @@ class Tokenizer:
         template = _compile_template(self.chat_template)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                **self.special_tokens)
-
-    def _template_processor(self, add_bos: bool, add_eos: bool):
-        bos = self.bos_token if add_bos and self.bos_token is not None else None
-        eos = self.eos_token if add_eos and self.eos_token is not None else None
-        single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
-        pair = " ".join([single, *([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
-        specials = [(t, self._tok.token_to_id(t)) for t in (bos, eos) if t]
-        return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     @staticmethod
     def _find_chat_template(path: Path, config: dict) -> str | None:

@@ -12,7 +12,7 @@ CHECKPOINTS = {
     "llama-tied-bias": ("LlamaForCausalLM", False, dict(tie_word_embeddings=True, attention_bias=True)),
     "mistral": ("MistralForCausalLM", False, {}),
     "qwen2-sharded": ("Qwen2ForCausalLM", True, {}),
-    "qwen3": ("Qwen3ForCausalLM", False, {}),
+    "qwen3": ("Qwen3ForCausalLM", False, dict(head_dim=32)),  # head_dim != hidden / heads
 }
 
 
