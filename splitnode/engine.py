@@ -113,7 +113,8 @@ class Engine:
     def step(self, layer_hook: Callable[[int], None] | None = None) -> tuple[Batch, list[Sequence]]:
         """Runs one batch. Returns it and the sequences that got a token in it (finished ones are
         already out of the batcher, their blocks free)."""
-        batch = self.batcher.schedule()
+        with self.pool.lock:
+            batch = self.batcher.schedule()
         if not batch:
             return batch, []
         rows, plan = self._logit_rows(batch)

@@ -20,15 +20,15 @@ class Reservation:
 
 class BlockPool:
     """Blocks of `block_size` token slots, shared by all layers (block b is row b of every layer's
-    cache). Allocation and free are exact: `num_free + num_used + num_reserved == num_blocks` at all
-    times. Thread-safe: the router reserves from the loop thread while the worker allocates."""
+    cache). Allocation and free are exact: `num_free + num_used == num_blocks` at all times, reserved
+    blocks counted as used. Thread-safe: the router reserves from the loop thread while the worker allocates."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._reservations: dict[object, Reservation] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
 
     @property
     def num_free(self) -> int:
@@ -49,13 +49,13 @@ class BlockPool:
         return num_blocks <= len(self._free)
 
     def allocate(self, num_blocks: int) -> list[int]:
-        with self._lock:
+        with self.lock:
             if num_blocks > len(self._free):
                 raise RuntimeError(f"KV pool exhausted: {num_blocks} blocks asked, {len(self._free)} free")
             return [self._free.popleft() for _ in range(num_blocks)]
 
     def free(self, blocks: list[int]) -> None:
-        with self._lock:
+        with self.lock:
             self._free.extend(blocks)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -75,35 +75,40 @@ class BlockPool:
     # elsewhere. A lease that is neither claimed nor renewed in time returns its blocks.
 
     def reserve(self, key: object, num_blocks: int, lease_s: float) -> list[int] | None:
-        with self._lock:
+        with self.lock:
             if num_blocks > len(self._free):
                 return None
             blocks = [self._free.popleft() for _ in range(num_blocks)]
             self._reservations[key] = Reservation(blocks, time.monotonic() + lease_s)
             return blocks
 
+    def reserved_blocks(self, key: object) -> list[int] | None:
+        with self.lock:
+            r = self._reservations.get(key)
+            return None if r is None else list(r.blocks)
+
     def claim(self, key: object) -> list[int] | None:
         """Take the reserved blocks over (they become a sequence's); None if the lease is gone."""
-        with self._lock:
+        with self.lock:
             r = self._reservations.pop(key, None)
             return None if r is None else r.blocks
 
     def renew(self, key: object, lease_s: float) -> bool:
-        with self._lock:
+        with self.lock:
             r = self._reservations.get(key)
             if r is not None:
                 r.expires_at = time.monotonic() + lease_s
             return r is not None
 
     def cancel(self, key: object) -> None:
-        with self._lock:
+        with self.lock:
             r = self._reservations.pop(key, None)
             if r is not None:
                 self._free.extend(r.blocks)
 
     def expire(self, now: float | None = None) -> list[object]:
         now = time.monotonic() if now is None else now
-        with self._lock:
+        with self.lock:
             dead = [k for k, r in self._reservations.items() if r.expires_at <= now]
             for k in dead:
                 self._free.extend(self._reservations.pop(k).blocks)

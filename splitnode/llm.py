@@ -37,7 +37,7 @@ class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str = "auto", **kwargs):
         self.config = EngineConfig.from_kwargs(model=model, device=device, dtype=dtype, **kwargs)
         path = resolve_model_path(model)
-        self.tokenizer = Tokenizer.from_pretrained(path)
+        self.tokenizer = Tokenizer(path)
         self.engine = Engine(self.config, "mixed", model_path=path)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the engine is stepped by one thread at a time

@@ -48,6 +48,7 @@ class Sequence:
         # and the blocks reserved for it there.
         self.dest = None
         self.dest_blocks: list[int] | None = None
+        self.layers_sent = False  # every layer already went to dest during the prefill
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.token_times: list[float] = []

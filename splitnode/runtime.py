@@ -1,0 +1,336 @@
+"""The phase-split runtime: one worker per device with a role, a router that assigns each request
+its prompt and token workers at arrival, live role changes, and an autoscaler for the mixed pool.
+
+Everything here runs on the event loop thread; model compute runs on the workers' threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from splitnode.config import EngineConfig
+from splitnode.engine import Engine, resolve_model_path
+from splitnode.llm import Prompt
+from splitnode.model.tokenizer import Tokenizer
+from splitnode.outputs import RequestOutput, RequestState
+from splitnode.pools import Autoscaler
+from splitnode.router import Router
+from splitnode.sampling import SamplingParams
+from splitnode.sequence import Sequence
+from splitnode.transfer import KVMover
+from splitnode.worker import Worker
+
+log = logging.getLogger("splitnode")
+
+ROLES = ("prompt", "token", "mixed")
+MODES = ("migrate", "drain")
+
+
+@dataclass
+class RuntimeConfig(EngineConfig):
+    """Engine options (per worker) plus the runtime's: devices, roles, transfer and pool policy."""
+
+    devices: str | list[str] | None = None  # "cuda", "cuda:0,cuda:2", "cpu:3"; default: cuda if present
+    roles: dict[str, str] | None = None  # {"cuda:0": "prompt", ...}; default split from the count
+    layerwise_min_tokens: int = 512  # prompts this long send their KV layer by layer
+    transfer_timeout_s: float = 30.0  # past it the token worker recomputes the prefill
+    reservation_lease_s: float = 30.0  # a destination's reserved blocks return unless renewed
+    autoscale: bool = True
+    borrow_prompt_tokens: int = 8192  # queued prompt tokens past which a token worker turns mixed
+    borrow_kv_occupancy: float = 0.9  # token KV occupancy past which a prompt worker turns mixed
+    repurpose_after_s: float = 120.0  # a worker borrowed this long changes pool for good
+    autoscale_interval_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.devices = parse_devices(self.devices)
+        if self.roles is None:
+            self.roles = default_roles(self.devices)
+        for name, role in self.roles.items():
+            if name not in self.devices:
+                raise ValueError(f"RuntimeConfig.roles names {name!r}, which is not among devices {self.devices}")
+            if role not in ROLES:
+                raise ValueError(f"RuntimeConfig.roles[{name!r}] must be one of {ROLES}, got {role!r}")
+        self.roles = {d: self.roles.get(d, "mixed") for d in self.devices}
+        check_phases(self.roles.values())
+        if self.layerwise_min_tokens < 1 or self.transfer_timeout_s <= 0 or self.reservation_lease_s <= 0:
+            raise ValueError("RuntimeConfig: layerwise_min_tokens, transfer_timeout_s and reservation_lease_s "
+                             "must be positive")
+        if not 0 < self.borrow_kv_occupancy <= 1:
+            raise ValueError(f"RuntimeConfig.borrow_kv_occupancy must be in (0, 1], got {self.borrow_kv_occupancy}")
+
+
+def parse_devices(spec) -> list[str]:
+    if spec is None:
+        spec = "cuda" if torch.cuda.is_available() else "cpu:2"
+    if isinstance(spec, (list, tuple)):
+        names = [str(s).strip() for s in spec]
+    elif spec == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError("devices='cuda' but no CUDA device is visible (use 'cpu:N' on a machine without GPUs)")
+        names = [f"cuda:{i}" for i in range(n)]
+    elif spec.startswith("cpu"):
+        count = spec.partition(":")[2] or "1"
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"devices={spec!r}: write 'cpu:N' with N >= 1 CPU workers")
+        names = [f"cpu:{i}" for i in range(int(count))]
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        kind, _, idx = n.partition(":")
+        if kind not in ("cuda", "cpu") or not idx.isdigit():
+            raise ValueError(f"device {n!r} is not 'cuda:N' or 'cpu:N'")
+        if kind == "cuda" and int(idx) >= torch.cuda.device_count():
+            raise ValueError(f"device {n!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if len(set(names)) != len(names):
+        raise ValueError(f"devices {names} name a device twice")
+    return names
+
+
+def default_roles(devices: list[str]) -> dict[str, str]:
+    """One device: mixed. More: a third of them (at least one) prompt, the rest token, as decode
+    is the longer phase for most chat traffic."""
+    if len(devices) == 1:
+        return {devices[0]: "mixed"}
+    num_prompt = max(1, len(devices) // 3)
+    return {d: ("prompt" if i < num_prompt else "token") for i, d in enumerate(devices)}
+
+
+def check_phases(roles) -> None:
+    roles = list(roles)
+    if not any(r in ("prompt", "mixed") for r in roles):
+        raise ValueError("no worker could run the prompt phase (give one the prompt or mixed role)")
+    if not any(r in ("token", "mixed") for r in roles):
+        raise ValueError("no worker could run the token phase (give one the token or mixed role)")
+
+
+@dataclass
+class _Stream:
+    state: RequestState
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class Runtime:
+    """`async with Runtime(RuntimeConfig(devices="cpu:3")) as rt:` then `rt.generate(...)`."""
+
+    def __init__(self, config: RuntimeConfig | None = None, **kwargs):
+        self.config = config or RuntimeConfig(**kwargs)
+        self.mover = KVMover()
+        self.workers: list[Worker] = []
+        self.pins: set[str] = set()
+        self._ids = itertools.count()
+        self._streams: dict[int, _Stream] = {}
+        self._role_waiters: dict[str, list[asyncio.Future]] = {}
+        self._finished_metrics: deque[dict[str, float]] = deque(maxlen=4096)
+        self.num_finished = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.autoscaler = Autoscaler(self)
+        self._tasks: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> "Runtime":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        cfg = self.config
+        path = resolve_model_path(cfg.model)
+        self.tokenizer = Tokenizer(path)
+        per_device: dict[str, int] = {}
+        for name in cfg.devices:
+            dev = "cpu" if name.startswith("cpu") else name
+            per_device[dev] = per_device.get(dev, 0) + 1
+        for i, name in enumerate(cfg.devices):
+            dev = "cpu" if name.startswith("cpu") else name
+            w = Worker(self, i, name, dev, cfg.roles[name])
+            # Workers sharing a GPU split its free memory; loaded one after another so each sees
+            # what the previous ones took.
+            share = 1.0 / per_device[dev] if dev != "cpu" else 1.0
+            per_device[dev] -= 1 if dev != "cpu" else 0
+            log.info("loading %s on %s (%s)", path, name, w.role)
+            w.engine = await asyncio.to_thread(Engine, cfg, w.role, dev, path, share)
+            self.workers.append(w)
+        self.max_model_len = min(w.engine.max_model_len for w in self.workers)
+        self.router = Router(self.workers, cfg.reservation_lease_s)
+        for w in self.workers:
+            w.thread.start()
+        if cfg.autoscale:
+            self._tasks.append(self.loop.create_task(self.autoscaler.run()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for w in self.workers:
+            w.stopping = True
+            w.wake.set()
+        for w in self.workers:
+            await asyncio.to_thread(w.thread.join)
+        for s in self._streams.values():
+            if not s.done:
+                s.queue.put_nowait(RuntimeError("the runtime stopped"))
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def _post(self, fn, *args) -> None:
+        """From a worker thread: run fn on the loop."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def _new_request(self, prompt: Prompt, params: SamplingParams) -> RequestState:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        engine = self.workers[0].engine
+        vocab = engine.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        engine.check_request(len(ids), params)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt + max_tokens = {total} exceeds the maximum model length {self.max_model_len}")
+        rid = next(self._ids)
+        seq = Sequence(rid, ids, params, frozenset(self.tokenizer.eos_token_ids))
+        return RequestState(rid, prompt if isinstance(prompt, str) else None, seq, self.tokenizer)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """One event per token (its `request_id` names the request for `cancel`); the last has
+        `finished=True`. Leaving the loop early cancels the request."""
+        st = self._new_request(prompt, params or SamplingParams())
+        stream = _Stream(st)
+        self._streams[st.request_id] = stream
+        worker = self.router.route(st.seq)
+        worker.post("add", st.seq)
+        try:
+            while True:
+                ev = await stream.queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not stream.done:
+                self._cancel(stream)
+            self._streams.pop(st.request_id, None)
+
+    async def cancel(self, request_id: int) -> bool:
+        """Stops a request; its stream ends with finish_reason "abort". False if unknown/done."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.done:
+            return False
+        self._cancel(stream)
+        return True
+
+    def _cancel(self, stream: _Stream) -> None:
+        stream.state.seq.cancelled = True
+        for w in self.workers:
+            w.wake.set()
+
+    def _on_events(self, events: list[tuple[Sequence, int, str | None]]) -> None:
+        for seq, num_out, reason in events:
+            stream = self._streams.get(seq.seq_id)
+            if stream is None or stream.done:
+                continue
+            if reason == "abort":
+                num_out = stream.state.num_seen
+            ev = stream.state.update(num_out, reason)
+            if stream.state.stopped_by_string:
+                self._cancel(stream)
+            if ev.finished:
+                stream.done = True
+                self.num_finished += 1
+                self._finished_metrics.append(ev.metrics)
+            stream.queue.put_nowait(ev)
+
+    def _on_worker_error(self, worker: Worker, error: BaseException) -> None:
+        for s in self._streams.values():
+            if not s.done:
+                s.done = True
+                s.queue.put_nowait(RuntimeError(f"worker {worker.name} failed: {error!r}"))
+
+    # -- roles ---------------------------------------------------------------------------------------
+
+    def worker(self, device: str) -> Worker:
+        for w in self.workers:
+            if w.name == device:
+                return w
+        raise ValueError(f"unknown device {device!r}; devices are {[w.name for w in self.workers]}")
+
+    async def assign(self, device: str, role: str, mode: str = "migrate", pin: bool = True) -> None:
+        """Moves `device` to `role`. Its work of the old kind is migrated or drained, in-flight
+        prefills finish, then the role flips. Pinned until `release(device)` unless pin=False."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        w = self.worker(device)
+        check_phases([role if x is w else (x.target_role or x.role) for x in self.workers])
+        if pin:
+            self.pins.add(device)
+        self.autoscaler.forget(w)
+        if (w.target_role or w.role) == role and w.target_role is None:
+            return
+        fut = self.loop.create_future()
+        self._role_waiters.setdefault(device, []).append(fut)
+        w.mode = mode
+        w.target_role = role
+        w.wake.set()
+        await fut
+
+    def release(self, device: str) -> None:
+        """Unpins a device: the autoscaling policy may move it again."""
+        self.worker(device)
+        self.pins.discard(device)
+
+    def _on_role_changed(self, w: Worker) -> None:
+        for fut in self._role_waiters.pop(w.name, []):
+            if not fut.done():
+                fut.set_result(w.role)
+
+    # -- what a person sees ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        def pct(values: list[float]) -> dict[str, float] | None:
+            if not values:
+                return None
+            q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+            return {"p50": q[49], "p90": q[89], "p99": q[98]}
+
+        devices = []
+        for w in self.workers:
+            e = w.engine
+            devices.append({
+                "name": w.name, "device": str(e.device), "role": w.role, "target_role": w.target_role,
+                "pinned": w.name in self.pins, "borrowed_from": self.autoscaler.borrowed_from(w),
+                "kv_blocks_used": e.pool.num_used, "kv_blocks_total": e.pool.num_blocks,
+                "kv_blocks_reserved": e.pool.num_reserved, "waiting": len(e.batcher.waiting),
+                "running": len(e.batcher.running), "arriving": len(w.arrivals),
+                "batch_size": w.last_batch_size, "batch_tokens": w.last_batch_tokens,
+                "pending_prompt_tokens": e.batcher.num_pending_prompt_tokens, "steps": w.num_steps,
+                "busy_s": round(w.busy_s, 3), "error": None if w.error is None else repr(w.error),
+            })
+        active = [s.state for s in self._streams.values() if not s.done]
+        done = list(self._finished_metrics)
+        ttft = [m["ttft_s"] for m in done if "ttft_s" in m]
+        tbt = [m["tbt_mean_s"] for m in done if "tbt_mean_s" in m]
+        policy = {k: getattr(self.config, k) for k in (
+            "autoscale", "borrow_prompt_tokens", "borrow_kv_occupancy", "repurpose_after_s",
+            "layerwise_min_tokens", "transfer_timeout_s", "reservation_lease_s", "max_num_batched_tokens")}
+        return {
+            "devices": devices,
+            "requests": {"active": len(active), "finished": self.num_finished, "ttft_s": pct(ttft),
+                         "tbt_s": pct(tbt),
+                         "in_flight": [{"request_id": s.request_id, **s.metrics()} for s in active]},
+            "transfers": asdict(self.mover.stats),
+            "policy": policy,
+        }

@@ -1,0 +1,283 @@
+"""A worker owns one device's engine and runs its batch loop on a thread of its own.
+
+It talks to the event loop through its inbox (ops from the loop or from other workers) and
+`loop.call_soon_threadsafe` (token events back). Each turn of the loop:
+apply inbox -> free cancelled -> admit arrived sequences -> hand off finished prefills ->
+role change -> one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import torch
+
+from splitnode.engine import Engine
+from splitnode.sequence import Sequence, SeqStatus
+
+if TYPE_CHECKING:
+    from splitnode.runtime import Runtime
+
+log = logging.getLogger("splitnode")
+
+
+class Worker:
+    def __init__(self, rt: "Runtime", index: int, name: str, device: str, role: str):
+        self.rt = rt
+        self.index = index
+        self.name = name  # "cuda:0", or "cpu:1" for the second CPU worker
+        self.device = device  # the torch device
+        self.role = role
+        self.target_role: str | None = None  # set while a role change is under way
+        self.mode = "drain"
+        self.engine: Engine | None = None
+        self.inbox: deque = deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.arrivals: list[tuple[Sequence, object, bool, float]] = []  # seq, event, failed, since
+        self.routed_prompt_tokens = 0  # written by the loop thread only
+        self.done_prompt_tokens = 0  # written by this thread only
+        self.last_batch_size = 0
+        self.last_batch_tokens = 0
+        self.num_steps = 0
+        self.busy_s = 0.0
+        self.role_since = time.monotonic()
+        self.thread = threading.Thread(target=self._main, name=f"splitnode-{name}", daemon=True)
+
+    # -- seen from the loop thread ------------------------------------------------------------
+
+    @property
+    def accepts_prefill(self) -> bool:
+        return self.target_role is None and self.role in ("prompt", "mixed")
+
+    @property
+    def accepts_decode(self) -> bool:
+        return self.target_role is None and self.role in ("token", "mixed")
+
+    @property
+    def pending_prompt_tokens(self) -> int:
+        return self.routed_prompt_tokens - self.done_prompt_tokens
+
+    def post(self, *op) -> None:
+        self.inbox.append(op)
+        self.wake.set()
+
+    # -- the worker thread --------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            stream = contextlib.nullcontext()
+            if self.engine.device.type == "cuda":
+                torch.cuda.set_device(self.engine.device)
+                stream = torch.cuda.stream(self.engine.compute_stream)
+            with stream, torch.inference_mode():
+                while not self.stopping:
+                    self._turn()
+        except BaseException as e:  # surfaced by the runtime to every request on this worker
+            log.exception("worker %s failed", self.name)
+            self.error = e
+            self.rt._post(self.rt._on_worker_error, self, e)
+
+    def _turn(self) -> None:
+        eng = self.engine
+        while self.inbox:
+            op, *args = self.inbox.popleft()
+            if op == "add":
+                eng.add(args[0])
+            elif op == "arrive":
+                self.arrivals.append((*args, time.monotonic()))
+        eng.pool.expire()  # reservations held here for requests that died elsewhere
+        self._sweep_cancelled()
+        self._admit_arrivals()
+        self._hand_off()
+        if self.target_role is not None:
+            self._change_role()
+        if not eng.has_work():
+            self.last_batch_size = self.last_batch_tokens = 0
+            # Woken by a post; the timeout only re-checks transfers, hand-offs and leases.
+            self.wake.wait(0.005 if (self.arrivals or self._waiting_handoffs()) else 0.5)
+            self.wake.clear()
+            return
+        for seq in eng.batcher.running:
+            if seq.dest is not None:
+                seq.dest.engine.pool.renew(seq.seq_id, self.rt.config.reservation_lease_s)
+        t0 = time.perf_counter()
+        with eng.pool.lock:  # other threads reserve blocks here: check-then-allocate is atomic
+            batch = eng.batcher.schedule()
+        if not batch:
+            self.wake.wait(0.005)
+            self.wake.clear()
+            return
+        hook = self._layer_hook(batch)
+        rows, plan = eng._logit_rows(batch)
+        logits = eng.runner.run(batch, rows or [0], hook)
+        prompt_tokens = sum(n for s, n in zip(batch.seqs, batch.chunk_lens) if not s.is_decode)
+        seqs = eng._postprocess(batch, logits, plan)
+        self.done_prompt_tokens += prompt_tokens
+        self.last_batch_size, self.last_batch_tokens = len(batch), batch.num_tokens
+        self.num_steps += 1
+        self.busy_s += time.perf_counter() - t0
+        self._emit(seqs)
+        self._hand_off()
+
+    def _emit(self, seqs: list[Sequence], reason: str | None = None) -> None:
+        events = [(s, s.num_tokens - s.num_prompt_tokens, reason or s.finish_reason) for s in seqs]
+        if events:
+            self.rt._post(self.rt._on_events, events)
+
+    def _sweep_cancelled(self) -> None:
+        b = self.engine.batcher
+        dead = [s for s in list(b.running) + list(b.waiting) if s.cancelled]
+        for seq in dead:
+            self._drop(seq)
+            b.remove(seq)
+        keep = []
+        for item in self.arrivals:
+            seq = item[0]
+            if seq.cancelled:
+                self.engine.pool.free(seq.block_table)
+                seq.block_table = []
+                self._drop(seq)
+            else:
+                keep.append(item)
+        self.arrivals = keep
+
+    def _drop(self, seq: Sequence) -> None:
+        if seq.dest is not None:
+            seq.dest.engine.pool.cancel(seq.seq_id)
+            seq.dest = None
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = "abort"
+        self._emit([seq], "abort")
+
+    def _admit_arrivals(self) -> None:
+        """Sequences handed to this worker join its batches once their KV is complete; a transfer
+        that failed or timed out is recomputed here."""
+        keep = []
+        for seq, event, failed, since in self.arrivals:
+            timed_out = time.monotonic() - since > self.rt.config.transfer_timeout_s
+            if event is not None and not failed and not timed_out and not event.query():
+                keep.append((seq, event, failed, since))
+                continue
+            self.rt.mover.count(in_flight=-1, failed=int(failed or timed_out))
+            if failed or timed_out:
+                log.warning("KV transfer of request %d to %s %s: recomputing its prefill here",
+                            seq.seq_id, self.name, "failed" if failed else "timed out")
+                seq.num_computed = 0
+            seq.status = SeqStatus.RUNNING
+            self.engine.add(seq)
+        self.arrivals = keep
+
+    # -- moving sequences out -------------------------------------------------------------------
+
+    def _waiting_handoffs(self) -> bool:
+        return any(self._handoff_due(s) for s in self.engine.batcher.running)
+
+    def _handoff_due(self, seq: Sequence) -> bool:
+        """A sequence whose prefill is done here and that decodes elsewhere."""
+        if not seq.is_decode or seq.is_finished:
+            return False
+        return seq.dest is not None or not self._decodes_here()
+
+    def _decodes_here(self) -> bool:
+        if self.target_role is not None and self.target_role not in ("token", "mixed"):
+            return self.mode == "drain"  # leaving decode work: finish it here, or move it out
+        return (self.target_role or self.role) in ("token", "mixed")
+
+    def _hand_off(self) -> None:
+        for seq in [s for s in self.engine.batcher.running if self._handoff_due(s)]:
+            dest, blocks = seq.dest, None
+            if dest is not None:
+                blocks = dest.engine.pool.claim(seq.seq_id)
+                blocks = self._fit(dest, blocks, seq)
+            if blocks is None:  # no reservation (or its lease ran out): find room now
+                dest, blocks = self.rt.router.pick_dest(seq, exclude=self)
+            if dest is None:
+                continue  # no token worker has room: keep the KV here and try again next turn
+            self._move(seq, dest, blocks, layers_done=seq.layers_sent)
+
+    def _fit(self, dest: "Worker", blocks: list[int] | None, seq: Sequence) -> list[int] | None:
+        """Reserved blocks cover the prompt; grow them to the sequence as it is now."""
+        if blocks is None:
+            return None
+        need = dest.engine.pool.blocks_for(seq.num_tokens) - len(blocks)
+        if need > 0:
+            if not dest.engine.pool.can_allocate(need):
+                dest.engine.pool.free(blocks)
+                return None
+            blocks = blocks + dest.engine.pool.allocate(need)
+        return blocks
+
+    def _move(self, seq: Sequence, dest: "Worker", blocks: list[int], layers_done: bool) -> None:
+        """Sends what is not there yet, then gives the sequence to dest. The source blocks are
+        free again once the copy has read them (the compute stream waits for it)."""
+        eng = self.engine
+        failed = False
+        n = eng.pool.blocks_for(seq.num_computed)
+        try:
+            if not layers_done:
+                self.rt.mover.send(eng, dest.engine, seq.block_table[:n], blocks[:n],
+                                   range(eng.model_config.num_hidden_layers))
+            event = self.rt.mover.completion_event(eng, dest.engine)
+        except Exception:
+            log.exception("KV transfer of request %d from %s to %s failed", seq.seq_id, self.name, dest.name)
+            failed, event = True, None
+        eng.batcher.remove(seq)  # frees the source blocks
+        seq.block_table = blocks
+        seq.dest = None
+        seq.dest_blocks = None
+        seq.layers_sent = False
+        self.rt.mover.count(sequences=1, in_flight=1)
+        dest.post("arrive", seq, event, failed)
+
+    def _layer_hook(self, batch):
+        """Layer-wise transfer: for each long prompt in the batch that decodes elsewhere, send
+        layer l's blocks as soon as layer l is written, while layer l+1 computes. Short prompts
+        move in one piece after their prefill (see `_hand_off`)."""
+        cfg = self.rt.config
+        jobs = []
+        for seq, n in zip(batch.seqs, batch.chunk_lens):
+            if seq.dest is None or seq.is_decode or seq.num_prompt_tokens < cfg.layerwise_min_tokens:
+                continue
+            blocks = seq.dest.engine.pool.reserved_blocks(seq.seq_id)
+            if blocks is None or len(blocks) < len(seq.block_table):
+                continue
+            lo = seq.num_computed // self.engine.pool.block_size
+            hi = self.engine.pool.blocks_for(seq.num_computed + n)
+            jobs.append((seq, seq.block_table[lo:hi], blocks[lo:hi], seq.num_computed + n == seq.num_tokens))
+        if not jobs:
+            return None
+        mover, eng = self.rt.mover, self.engine
+
+        def hook(layer: int) -> None:
+            for seq, src, dst, last in jobs:
+                try:
+                    mover.send(eng, seq.dest.engine, src, dst, range(layer, layer + 1))
+                except Exception:
+                    log.exception("layer-wise KV transfer of request %d failed", seq.seq_id)
+                    seq.layers_sent = False
+                    return
+                if last and layer == eng.model_config.num_hidden_layers - 1:
+                    seq.layers_sent = True
+
+        return hook
+
+    # -- role changes ------------------------------------------------------------------------------
+
+    def _change_role(self) -> None:
+        """Flips the role once the work of the old kind is gone. Decodes are migrated to another
+        token-capable worker ("migrate") or finished here ("drain"); prefills always finish here."""
+        new = self.target_role
+        b = self.engine.batcher
+        if new == "prompt" and any(s.is_decode for s in b.running):
+            return  # drained here or handed off by `_hand_off`, turn by turn
+        b.role = self.role = new
+        self.target_role = None
+        self.role_since = time.monotonic()
+        self.rt._post(self.rt._on_role_changed, self)
