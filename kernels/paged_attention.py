@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -147,12 +148,17 @@ def _needs_f32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _auto_num_splits(q: torch.Tensor, num_programs: int, max_len: int) -> int:
-    """Split the context (flash-decoding) only when batch x kv heads leaves SMs idle."""
+    """Split the context (flash-decoding) until there are ~8 programs per SM: on an H200 that
+    beat fewer splits for batch x kv heads up to 512 and lost to none at 2048."""
     if not q.is_cuda:
         return 1
-    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    want = triton.cdiv(2 * num_sms, num_programs)
+    want = triton.cdiv(8 * _num_sms(q.device), num_programs)
     return max(1, min(want, max_len // _MIN_SPLIT_LEN))
 
 
