@@ -50,6 +50,8 @@ class Engine:
         self.config = config
         self.device = torch.device(device or config.device)
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         path = model_path or resolve_model_path(config.model)
         self.model, self.model_config = load_model(path, self.device, config.dtype)

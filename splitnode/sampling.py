@@ -28,22 +28,25 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
-        _check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "-1, 0 (off) or a positive int", self.top_k)
-        _check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
-        _check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", "> 0", self.repetition_penalty)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "an int or None", self.seed)
+        for name in ("stop", "stop_token_ids"):
+            v = getattr(self, name)
+            if name == "stop" and isinstance(v, str):
+                v = [v]
+            _check(v is None or isinstance(v, (list, tuple, set, frozenset)), name, "a list", v)
+            setattr(self, name, list(v or []))
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
+        _check(_is_number(self.temperature) and self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1, 0 (off) or a positive int", self.top_k)
+        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty", "> 0",
+               self.repetition_penalty)
+        _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and 0 <= v <= 20), name, "None or an int in [0, 20]", v)
+            _check(v is None or (_is_int(v) and 0 <= v <= 20), name, "None or an int in [0, 20]", v)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "a list of token ids", self.stop_token_ids)
 
     @property
@@ -53,6 +56,15 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         _check(not bad, "stop_token_ids", f"ids below the vocabulary size {vocab_size}", bad)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    """A real number, not NaN (every comparison with NaN is false, so the range checks reject it)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check(ok: bool, name: str, expected: str, value) -> None:
