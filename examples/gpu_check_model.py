@@ -1,7 +1,7 @@
 import sys, tempfile, time
 from pathlib import Path
 import torch
-sys.path.insert(0, "tests"); sys.path.insert(0, "tests/model")
+sys.path.insert(0, "tests")
 from conftest import _write_hf_checkpoint
 from splitnode.model import AttentionContext, PrefillChunk, load_model, demo_model_path
 from transformers import AutoModelForCausalLM
