@@ -7,6 +7,12 @@ per session; treat the folder as read-only (copy it to change it).
 
 from __future__ import annotations
 
+import os
+
+# Triton reads this when first imported (the model imports it through splitnode.kernels): kernel
+# tests run the Triton kernels on the CPU through its interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
