@@ -141,6 +141,7 @@ async def _stream_all(llm, prompts: list, shown: list[str], params) -> int:
             queue.put_nowait(e)
             raise
 
+    show = _terminal_safe if sys.stdout.isatty() else str
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(pump(p, q)) for p, q in zip(prompts, queues)]
     total = 0
@@ -152,7 +153,7 @@ async def _stream_all(llm, prompts: list, shown: list[str], params) -> int:
                 ev = await queue.get()
                 if isinstance(ev, BaseException):
                     raise ev
-                sys.stdout.write(ev.delta)
+                sys.stdout.write(show(ev.delta))
                 sys.stdout.flush()
                 if ev.finished:
                     break
@@ -168,6 +169,15 @@ async def _stream_all(llm, prompts: list, shown: list[str], params) -> int:
     dt = time.perf_counter() - t0
     print(f"splitnode: {total} tokens in {dt:.2f}s ({total / dt:.1f} tokens/s)", file=sys.stderr)
     return 0
+
+
+# Control characters other than newline and tab, escaped on a terminal: model output (the demo
+# model's random bytes above all) must not be able to move the cursor or change the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if c not in (0x09, 0x0a)}
+
+
+def _terminal_safe(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 def _print_logprobs(tokenizer, ev) -> None:
