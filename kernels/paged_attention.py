@@ -6,6 +6,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:  # optional: the CPU path needs only torch
     import triton
@@ -28,18 +29,15 @@ def paged_decode_attention_ref(
     # engine calls this every decode step, and tables may be padded well past the batch's contexts.
     num_blocks = min(block_tables.shape[1], -(-int(context_lens.max()) // block_size))
     max_len = num_blocks * block_size
-    pos = torch.arange(max_len, device=q.device)
-    tables = block_tables[:, :num_blocks].long().clamp(min=0)
-    slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
-    k = k_cache.view(-1, hkv, d)[slots]  # [B, L, Hkv, D]
-    v = v_cache.view(-1, hkv, d)[slots]
-    g = h // hkv
-    qf = q.float().view(b, hkv, g, d)  # .float() is free when already float32
-    scores = torch.einsum("bkgd,blkd->bkgl", qf, k.float()) * scale
-    valid = pos[None, :] < context_lens[:, None].long()  # [B, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgl,blkd->bkgd", p, v.float())
+    tables = block_tables[:, :num_blocks].long().clamp(min=0).flatten()
+    # Whole blocks through index_select (several times faster on CPU than per-slot fancy indexing),
+    # viewed as [B, Hkv, L, D] without a copy; each kv head's group of query heads plays the role of
+    # SDPA's query length, so GQA needs no repeated K/V. float32 throughout (free when already so).
+    k = k_cache.index_select(0, tables).view(b, max_len, hkv, d).transpose(1, 2).float()
+    v = v_cache.index_select(0, tables).view(b, max_len, hkv, d).transpose(1, 2).float()
+    valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
+    out = F.scaled_dot_product_attention(q.float().view(b, hkv, h // hkv, d), k, v,
+                                         attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(b, h, d).to(q.dtype)
 
 
