@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import statistics
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator
@@ -25,6 +26,7 @@ from splitnode.pools import Autoscaler
 from splitnode.router import Router
 from splitnode.sampling import SamplingParams
 from splitnode.sequence import Sequence
+from splitnode.telemetry import GPUSampler, nvml_targets
 from splitnode.transfer import KVMover
 from splitnode.worker import Worker
 
@@ -123,8 +125,11 @@ class _Stream:
 class Runtime:
     """`async with Runtime(RuntimeConfig(devices="cpu:3")) as rt:` then `rt.generate(...)`."""
 
-    def __init__(self, config: RuntimeConfig | None = None, **kwargs):
+    def __init__(self, config: RuntimeConfig | None = None, telemetry: GPUSampler | None = None, **kwargs):
         self.config = config or RuntimeConfig(**kwargs)
+        self.telemetry = telemetry  # default: NVML for the CUDA devices, made in start()
+        self.num_generated_tokens = 0
+        self.started_at: float | None = None
         self.mover = KVMover()
         self.workers: list[Worker] = []
         self.pins: set[str] = set()
@@ -169,6 +174,10 @@ class Runtime:
             w.thread.start()
         if cfg.autoscale:
             self._tasks.append(self.loop.create_task(self.autoscaler.run()))
+        if self.telemetry is None:
+            self.telemetry = GPUSampler(nvml_targets(cfg.devices))
+        await asyncio.to_thread(self.telemetry.start)
+        self.started_at = time.monotonic()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -181,6 +190,8 @@ class Runtime:
         for s in self._streams.values():
             if not s.done:
                 s.queue.put_nowait(RuntimeError("the runtime stopped"))
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.stop)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -244,6 +255,7 @@ class Runtime:
             if reason == "abort":
                 num_out = stream.state.num_seen
             ev = stream.state.update(num_out, reason)
+            self.num_generated_tokens += len(ev.new_token_ids)
             if stream.state.stopped_by_string:
                 self._cancel(stream)
             if ev.finished:
@@ -318,6 +330,7 @@ class Runtime:
                 "batch_size": w.last_batch_size, "batch_tokens": w.last_batch_tokens,
                 "pending_prompt_tokens": e.batcher.num_pending_prompt_tokens, "steps": w.num_steps,
                 "busy_s": round(w.busy_s, 3), "error": None if w.error is None else repr(w.error),
+                "gpu": self.telemetry.sample(w.name),  # NVML's latest, or why there is none
             })
         active = [s.state for s in self._streams.values() if not s.done]
         done = list(self._finished_metrics)
@@ -327,8 +340,10 @@ class Runtime:
             "autoscale", "borrow_prompt_tokens", "borrow_kv_occupancy", "repurpose_after_s",
             "layerwise_min_tokens", "transfer_timeout_s", "reservation_lease_s", "max_num_batched_tokens")}
         return {
+            "runtime": {"model": self.config.model or "demo", "uptime_s": time.monotonic() - self.started_at},
             "devices": devices,
-            "requests": {"active": len(active), "finished": self.num_finished, "ttft_s": pct(ttft),
+            "requests": {"active": len(active), "finished": self.num_finished,
+                         "num_generated_tokens": self.num_generated_tokens, "ttft_s": pct(ttft),
                          "tbt_s": pct(tbt),
                          "in_flight": [{"request_id": s.request_id, **s.metrics()} for s in active]},
             "transfers": asdict(self.mover.stats),
