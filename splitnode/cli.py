@@ -48,11 +48,11 @@ def _base_type(annotation) -> type:
     return annotation
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser, skip=SHARED_WITH_SAMPLING) -> None:
     group = parser.add_argument_group("engine (EngineConfig)")
     hints = typing.get_type_hints(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
-        if f.name in SHARED_WITH_SAMPLING:
+        if f.name in skip:
             continue
         kind = _base_type(hints[f.name])
         help_ = ENGINE_HELP.get(f.name, f"EngineConfig.{f.name}")
@@ -223,6 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description=bench.DESCRIPTION)
     bench.add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from splitnode.api import commands as api
+
+    srv = sub.add_parser("serve", help="run the phase-split runtime behind a Unix socket (no dashboard)",
+                         description=api.SERVE_DESCRIPTION)
+    api.add_serve_arguments(srv)
+    add_engine_args(srv, skip={"device"})  # the runtime's workers take their devices from --devices
+    srv.set_defaults(func=lambda args: api.serve(args, engine_kwargs(args)))
+    st = sub.add_parser("status", help="devices, roles, KV use, queues and transfers of a running server",
+                        description="Print a running server's devices (role, KV blocks, queues), requests "
+                                    "and KV transfers, read from its socket.")
+    api.add_status_arguments(st)
+    st.set_defaults(func=api.status)
+    asg = sub.add_parser("assign", help="move a device of a running server to another role",
+                         description="Move DEVICE to ROLE without losing a request; returns once the role "
+                                     "has changed. The device stays pinned there until `splitnode release`.")
+    api.add_assign_arguments(asg)
+    asg.set_defaults(func=api.assign)
+    rel = sub.add_parser("release", help="unpin a device so the autoscaling policy may move it again",
+                         description="Unpin DEVICE on a running server: the autoscaling policy may move it again.")
+    api.add_release_arguments(rel)
+    rel.set_defaults(func=api.release)
     return parser
 
 

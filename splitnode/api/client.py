@@ -1,0 +1,194 @@
+"""`async with Client() as c:` — the Runtime's methods over the socket, with the same names, so a
+dashboard can drive either (`status` is a coroutine here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from splitnode.api import protocol as p
+from splitnode.outputs import RequestOutput
+from splitnode.sampling import SamplingParams
+
+
+@dataclass
+class _Stream:
+    builder: p.OutputBuilder = field(default_factory=p.OutputBuilder)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request_id: int | None = None
+    abandoned: bool = False  # the caller left before the request's id was known: cancel it on arrival
+
+
+class Client:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else p.default_socket_path()
+        self._msgids = itertools.count()
+        self._calls: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._reader_task: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._error: BaseException | None = None
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        try:
+            reader, self._writer = await asyncio.open_unix_connection(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise p.ServerNotRunning(
+                f"no splitnode server at {self.path} ({e.strerror or e}); start one with `splitnode serve`") from None
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+
+    # -- the runtime's methods --------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int],
+                       params: SamplingParams | dict | None = None) -> AsyncIterator[RequestOutput]:
+        """One RequestOutput per token, the last with finished=True. Leaving the loop early cancels
+        the request on the server."""
+        msgid = self._send("generate", [prompt, p.sampling_dict(params)])
+        stream = self._streams[msgid] = _Stream()
+        done = False
+        try:
+            while True:
+                ev = await stream.queue.get()
+                if isinstance(ev, BaseException):
+                    done = True
+                    raise ev
+                done = ev.finished
+                yield ev
+                if done:
+                    return
+        finally:
+            if done or stream.request_id is not None:
+                self._streams.pop(msgid, None)
+            if not done:
+                if stream.request_id is None:
+                    stream.abandoned = True
+                else:
+                    self._cancel_later(stream.request_id)
+
+    async def cancel(self, request_id: int) -> bool:
+        return await self._call("cancel", request_id)
+
+    async def assign(self, device: str, role: str, mode: str = "migrate", pin: bool = True) -> None:
+        await self._call("assign", device, role, mode, pin)
+
+    async def release(self, device: str) -> None:
+        await self._call("release", device)
+
+    async def status(self) -> dict:
+        return await self._call("status")
+
+    async def ping(self) -> str:
+        return await self._call("ping")
+
+    # -- the wire -----------------------------------------------------------------------------------------
+
+    def _send(self, method: str, params: list) -> int:
+        if self._error is not None:
+            raise self._error
+        if self._writer is None:
+            raise RuntimeError("Client is not connected; use `async with Client(...) as c:`")
+        msgid = next(self._msgids) % (p.MAX_MSGID + 1)
+        self._writer.write(p.pack([p.REQUEST, msgid, method, params]))
+        return msgid
+
+    async def _call(self, method: str, *params):
+        msgid = self._send(method, list(params))
+        fut = self._calls[msgid] = asyncio.get_running_loop().create_future()
+        try:
+            return await fut
+        finally:
+            self._calls.pop(msgid, None)
+
+    def _cancel_later(self, request_id: int) -> None:
+        """From a stream's finally (maybe during garbage collection): a request whose answer nobody awaits."""
+        if self._error is None and self._writer is not None and not self._writer.is_closing():
+            msgid = self._send("cancel", [request_id])
+            fut = self._calls[msgid] = asyncio.get_running_loop().create_future()
+
+            def forget(_) -> None:
+                self._calls.pop(msgid, None)
+                if not fut.cancelled():
+                    fut.exception()
+
+            fut.add_done_callback(forget)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        unpacker = p.unpacker()
+        try:
+            while True:
+                data = await reader.read(64 * 1024)
+                if not data:
+                    raise ConnectionResetError(f"the splitnode server at {self.path} closed the connection")
+                unpacker.feed(data)
+                for message in unpacker:
+                    self._on_message(message)
+        except asyncio.CancelledError:
+            self._fail(ConnectionResetError("the client was closed"))
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    def _on_message(self, message) -> None:
+        if message[0] == p.RESPONSE:
+            _, msgid, error, result = message
+            if msgid in self._streams:
+                stream = self._streams[msgid]
+                if error is not None:
+                    stream.queue.put_nowait(p.remote_error(error))
+                else:
+                    stream.queue.put_nowait(p.OutputBuilder.from_full(result))
+                if stream.abandoned:
+                    self._streams.pop(msgid, None)
+            elif msgid in self._calls and not self._calls[msgid].done():
+                fut = self._calls[msgid]
+                if error is not None:
+                    fut.set_exception(p.remote_error(error))
+                else:
+                    fut.set_result(result)
+        elif message[0] == p.NOTIFICATION and message[1] == "token":
+            msgid, event = message[2]
+            stream = self._streams.get(msgid)
+            if stream is None:
+                return
+            if stream.request_id is None:
+                stream.request_id = event["request_id"]
+            if stream.abandoned:
+                self._streams.pop(msgid, None)
+                self._cancel_later(stream.request_id)
+                return
+            stream.queue.put_nowait(stream.builder.add_delta(event))
+        elif message[0] == p.NOTIFICATION and message[1] == "error":
+            (error,) = message[2]
+            self._fail(p.remote_error(error))
+
+    def _fail(self, error: BaseException) -> None:
+        """The connection is gone: every open call and stream gets the error."""
+        self._error = error
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # a cancel nobody awaits must not log "never retrieved"
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)

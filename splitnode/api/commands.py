@@ -1,0 +1,181 @@
+"""The socket's subcommands: `splitnode serve` (runtime + socket, no dashboard) and the client
+commands `status`, `assign`, `release`. cli.py wires them in, as it does bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from splitnode.api import protocol as p
+
+SERVE_DESCRIPTION = ("Start the phase-split runtime on DEVICES and serve it on a Unix socket (msgpack-RPC), "
+                     "without the dashboard. Runs until interrupted. Refuses to start where a server already "
+                     "answers on the socket; a stale socket is removed.")
+
+
+def add_socket_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                        help=f"the server's Unix socket (default: {p.default_socket_path()})")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", default=None,
+                        help="devices to run on: cuda (all GPUs), cuda:0,cuda:2, or cpu:N for N CPU workers "
+                             "(default: cuda if a GPU is visible, else cpu:2)")
+    parser.add_argument("--roles", default=None, metavar="DEV=ROLE,...",
+                        help="initial roles, e.g. cpu:0=prompt,cpu:1=token; roles are prompt, token, mixed "
+                             "(default: a third of the devices prompt, the rest token; one device mixed)")
+    parser.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
+                        help="let the policy borrow and re-purpose devices that no one pinned (default: %(default)s)")
+    add_socket_arg(parser)
+
+
+def parse_roles(spec: str | None) -> dict[str, str] | None:
+    if not spec:
+        return None
+    roles = {}
+    for item in spec.split(","):
+        device, sep, role = item.strip().partition("=")
+        if not sep or not device or not role:
+            raise ValueError(f"--roles: {item!r} is not DEVICE=ROLE (e.g. cpu:0=prompt)")
+        roles[device] = role
+    return roles
+
+
+def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    from splitnode.runtime import RuntimeConfig
+
+    config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
+                           **engine_kwargs)  # bad values fail here, before the model loads
+    try:
+        return _run(_serve(config, args.socket or p.default_socket_path()))
+    except (p.SocketInUse, PermissionError, FileExistsError) as e:
+        print(f"splitnode serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _serve(config, path: Path) -> int:
+    from splitnode.api import server
+    from splitnode.runtime import Runtime
+
+    server.prepare_socket_dir(path)
+    await server.check_socket_free(path)  # before minutes of loading, not after
+    print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    async with Runtime(config) as rt:
+        srv = await server.serve(rt, path)
+        roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
+        print(f"splitnode: loaded in {time.perf_counter() - t0:.1f}s; {roles}", file=sys.stderr)
+        print(f"splitnode: serving on {path} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await srv.close()
+    print("splitnode: stopped", file=sys.stderr)
+    return 0
+
+
+# -- client commands --------------------------------------------------------------------------------------
+
+def call(args: argparse.Namespace, fn):
+    """Runs `fn(client)` against the server; a missing server or an error answer is one line, exit 2."""
+    from splitnode.api.client import Client
+
+    async def go():
+        async with Client(args.socket) as c:
+            return await fn(c)
+
+    try:
+        return 0, asyncio.run(go())
+    except (OSError, p.RemoteError) as e:
+        print(f"splitnode {args.command}: error: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 2, None
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the status as JSON instead of a table")
+    add_socket_arg(parser)
+
+
+def status(args: argparse.Namespace) -> int:
+    rc, st = call(args, lambda c: c.status())
+    if rc == 0:
+        print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return rc
+
+
+def add_assign_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("device", metavar="DEVICE", help="a device of the server, e.g. cuda:1 or cpu:0")
+    parser.add_argument("role", metavar="ROLE", choices=["prompt", "token", "mixed"], help="prompt, token or mixed")
+    parser.add_argument("--mode", choices=["migrate", "drain"], default="migrate",
+                        help="what happens to the device's work of the old kind: migrate moves it to another "
+                             "device now, drain lets it finish here first (default: %(default)s)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the autoscaling policy move the device again (default: pinned until release)")
+    add_socket_arg(parser)
+
+
+def assign(args: argparse.Namespace) -> int:
+    rc, _ = call(args, lambda c: c.assign(args.device, args.role, args.mode, args.pin))
+    if rc == 0:
+        print(f"{args.device}: {args.role}" + (" (pinned)" if args.pin else ""))
+    return rc
+
+
+def add_release_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("device", metavar="DEVICE", help="a device of the server, e.g. cuda:1 or cpu:0")
+    add_socket_arg(parser)
+
+
+def release(args: argparse.Namespace) -> int:
+    rc, _ = call(args, lambda c: c.release(args.device))
+    if rc == 0:
+        print(f"{args.device}: released (the autoscaling policy may move it)")
+    return rc
+
+
+def format_status(st: dict) -> str:
+    header = ("DEVICE", "ROLE", "PIN", "KV USED/TOTAL", "RESERVED", "WAITING", "RUNNING", "ARRIVING", "BATCH")
+    rows = []
+    for d in st["devices"]:
+        role = d["role"] + (f" -> {d['target_role']}" if d.get("target_role") else "")
+        if d.get("borrowed_from"):
+            role += f" (from {d['borrowed_from']})"
+        used, total = d["kv_blocks_used"], d["kv_blocks_total"]
+        rows.append((d["name"], role, "yes" if d["pinned"] else "", f"{used}/{total} ({100 * used / max(total, 1):.0f}%)",
+                     str(d["kv_blocks_reserved"]), str(d["waiting"]), str(d["running"]), str(d["arriving"]),
+                     f"{d['batch_size']} seq / {d['batch_tokens']} tok"))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    for d in st["devices"]:
+        if d.get("error"):
+            lines.append(f"{d['name']} failed: {d['error']}")
+    req = st["requests"]
+
+    def pcts(q):
+        return "-" if not q else "/".join(f"{q[k] * 1000:.0f}" for k in ("p50", "p90", "p99")) + " ms"
+
+    lines.append(f"requests: {req['active']} active, {req['finished']} finished; "
+                 f"TTFT p50/p90/p99 {pcts(req.get('ttft_s'))}; TBT {pcts(req.get('tbt_s'))}")
+    t = st["transfers"]
+    lines.append(f"transfers: {t['num_sequences']} sequences, {t['num_transfers']} moves, "
+                 f"{t['bytes_moved'] / 2**20:.1f} MiB, {t['num_failed']} failed, {t['in_flight']} in flight")
+    return "\n".join(lines)
