@@ -1,0 +1,289 @@
+"""The socket API against a real Runtime on two CPU workers, over real Unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from splitnode import cli
+from splitnode.api import Client, RemoteError, Server, SocketInUse, serve
+from splitnode.runtime import Runtime, RuntimeConfig
+from splitnode.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
+LONG = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}  # outlives the test's disconnect
+
+
+@pytest.fixture
+def sock_dir():
+    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
+    d = Path(tempfile.mkdtemp(dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def rt():
+    async with Runtime(RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def server(rt, sock_dir):
+    srv = await serve(rt, sock_dir / "s.sock")
+    yield srv
+    await srv.close()
+
+
+class RawClient:
+    """Plain msgpack + asyncio, to check the server against the spec rather than against our Client."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+
+    @classmethod
+    async def open(cls, path):
+        return cls(*await asyncio.open_unix_connection(str(path)))
+
+    def send(self, *message):
+        self.writer.write(msgpack.packb(list(message), use_bin_type=True))
+
+    async def recv(self):
+        """The next message, or None at EOF."""
+        while True:
+            for message in self.unpacker:
+                return message
+            data = await asyncio.wait_for(self.reader.read(65536), 10)
+            if not data:
+                return None
+            self.unpacker.feed(data)
+
+    async def call(self, msgid, method, *params):
+        self.send(0, msgid, method, list(params))
+        return await self.recv()
+
+    def close(self):
+        self.writer.close()
+
+
+def kv_used(rt) -> int:
+    return sum(d["kv_blocks_used"] + d["kv_blocks_reserved"] for d in rt.status()["devices"])
+
+
+async def until(condition, timeout=10.0):
+    """The runtime frees blocks on its worker threads, with no event the test could await: poll."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_generate_over_socket_matches_runtime(rt, server):
+    direct = [ev async for ev in rt.generate("Hello there", GREEDY)]
+    async with Client(server.path) as c:
+        remote = [ev async for ev in c.generate("Hello there", GREEDY)]
+        by_dict = [ev async for ev in c.generate(list(direct[0].prompt_token_ids), {"max_tokens": 8, "temperature": 0.0,
+                                                                                   "ignore_eos": True})]
+    assert len(remote) == len(direct) == 8  # one event per token
+    for a, b in zip(remote, direct):
+        assert (a.token_ids, a.new_token_ids, a.text, a.delta) == (b.token_ids, b.new_token_ids, b.text, b.delta)
+        assert a.logprobs == b.logprobs and a.finished == b.finished
+        assert a.prompt == "Hello there" and a.prompt_token_ids == b.prompt_token_ids
+    assert remote[-1].finish_reason == "length" and set(remote[-1].metrics) >= {"ttft_s", "e2e_s"}
+    assert by_dict[-1].token_ids == direct[-1].token_ids and by_dict[-1].logprobs is None
+
+
+async def test_raw_msgpack_rpc_client_streams_one_notification_per_token(server):
+    raw = await RawClient.open(server.path)
+    assert await raw.call(7, "ping") == [1, 7, None, "pong"]
+    kind, msgid, error, st = await raw.call(8, "status")
+    assert (kind, msgid, error) == (1, 8, None)
+    assert [d["name"] for d in st["devices"]] == ["cpu:0", "cpu:1"]
+
+    raw.send(0, 9, "generate", ["Hi", {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True, "logprobs": 1}])
+    notes = []
+    while (m := await raw.recv())[0] == 2:
+        notes.append(m)
+    assert len(notes) == 5 and all(n[1] == "token" and n[2][0] == 9 for n in notes)
+    assert [len(n[2][1]["new_token_ids"]) for n in notes] == [1] * 5
+    assert "prompt_token_ids" in notes[0][2][1] and "prompt_token_ids" not in notes[1][2][1]
+    assert all(isinstance(t, int) for n in notes for t in n[2][1]["logprobs"][0])  # int map keys
+    kind, msgid, error, final = m
+    assert (kind, msgid, error) == (1, 9, None)
+    assert final["finished"] and final["finish_reason"] == "length" and len(final["token_ids"]) == 6
+    assert final["token_ids"][:5] == [n[2][1]["new_token_ids"][0] for n in notes]
+    raw.close()
+
+
+async def test_unknown_method_and_bad_params_are_errors_and_server_keeps_serving(server):
+    raw = await RawClient.open(server.path)
+    bad = [
+        ("shutdown", [], "ValueError", "unknown method"),
+        ("__init__", [], "ValueError", "unknown method"),
+        ("generate", ["Hi", {"max_tokens": 2, "bogus": 1}], "ValueError", "bogus"),
+        ("generate", ["Hi", {"max_tokens": "two"}], "ValueError", "max_tokens"),
+        ("generate", ["Hi", [1, 2]], "TypeError", "params"),
+        ("generate", [5], "TypeError", "prompt"),
+        ("generate", [[1, 99999]], "ValueError", "token ids"),
+        ("assign", ["cpu:0"], "TypeError", "takes 2 to 4 params"),
+        ("assign", ["cpu:0", "gpu"], "ValueError", "role"),
+        ("assign", ["cpu:9", "mixed"], "ValueError", "unknown device"),
+        ("assign", ["cpu:0", "mixed", "migrate", "yes"], "TypeError", "pin"),
+        ("cancel", ["x"], "TypeError", "request_id"),
+        ("release", [], "TypeError", "takes 1 params"),
+    ]
+    for i, (method, params, type_, text) in enumerate(bad):
+        kind, msgid, error, result = await raw.call(i, method, *params)
+        assert (kind, msgid, result) == (1, i, None), method
+        assert error["type"] == type_ and text in error["message"], (method, error)
+    raw.send(0, 99, "ping", {"not": "an array"})
+    assert (await raw.recv())[2]["type"] == "TypeError"
+    assert await raw.call(100, "ping") == [1, 100, None, "pong"]
+    raw.close()
+
+    async with Client(server.path) as c:  # the Client raises what the runtime would, as a RemoteError
+        with pytest.raises(ValueError, match="unknown SamplingParams field"):
+            async for _ in c.generate("Hi", {"max_tokenz": 3}):
+                pass
+        with pytest.raises(RemoteError, match="role must be one of"):
+            await c.assign("cpu:0", "gpu")
+        assert await c.ping() == "pong"
+
+
+async def test_oversize_frame_is_an_error_and_closes_the_connection(rt, sock_dir):
+    async with Server(rt, sock_dir / "s.sock", max_frame_bytes=4096) as srv:
+        raw = await RawClient.open(srv.path)
+        raw.send(0, 1, "generate", ["x" * 10_000, {}])
+        kind, method, (error,) = await raw.recv()
+        assert (kind, method, error["type"]) == (2, "error", "ProtocolError")
+        assert "larger than the limit of 4096 bytes" in error["message"]
+        assert await raw.recv() is None  # closed
+        raw = await RawClient.open(srv.path)  # the server itself is fine
+        assert await raw.call(1, "ping") == [1, 1, None, "pong"]
+        raw.send(0, 2, "generate", ["x" * 500, {"max_tokens": 1}])  # under the limit it works
+        assert (await raw.recv())[:3] == [1, 2, None]
+        raw.send("not", "rpc")
+        assert (await raw.recv())[2][0]["type"] == "ProtocolError"
+        assert await raw.recv() is None
+        raw.close()
+
+
+async def test_open_streams_per_connection_are_limited(rt, sock_dir):
+    async with Server(rt, sock_dir / "s.sock", max_streams=2) as srv:
+        raw = await RawClient.open(srv.path)
+        raw.send(0, 1, "generate", ["a", LONG])
+        raw.send(0, 2, "generate", ["b", LONG])
+        raw.send(0, 3, "ping", [])
+        while (m := await raw.recv())[0] == 2:
+            pass
+        assert m[:2] == [1, 3] and "too many open requests" in m[2]["message"] and "limit 2" in m[2]["message"]
+        raw.close()
+    await until(lambda: kv_used(rt) == 0)
+
+
+async def test_client_disconnect_mid_stream_frees_every_kv_block(rt, server):
+    raw = await RawClient.open(server.path)
+    for msgid in range(3):
+        raw.send(0, msgid, "generate", [[5 + msgid] * 40, LONG])
+    seen = set()
+    while len(seen) < 3:
+        kind, method, (msgid, event) = await raw.recv()
+        seen.add(msgid)
+    assert kv_used(rt) > 0 and rt.status()["requests"]["active"] == 3
+    raw.close()
+    await until(lambda: kv_used(rt) == 0 and rt.status()["requests"]["active"] == 0)
+    assert rt.status()["requests"]["finished"] == 0  # cancelled, not run to the end
+
+
+async def test_client_leaving_a_stream_early_cancels_it(rt, server):
+    async with Client(server.path) as c:
+        async for ev in c.generate("Hello", LONG):
+            break
+        await until(lambda: kv_used(rt) == 0 and rt.status()["requests"]["active"] == 0)
+        assert await c.ping() == "pong"
+
+
+async def test_cancel_over_the_socket_ends_the_stream_with_abort(rt, server):
+    async with Client(server.path) as c:
+        events = []
+        async for ev in c.generate("Hello", LONG):
+            if not events:
+                assert await c.cancel(ev.request_id) is True
+            events.append(ev)
+        assert events[-1].finished and events[-1].finish_reason == "abort"
+        assert len(events[-1].token_ids) < LONG["max_tokens"]
+        assert await c.cancel(ev.request_id) is False  # done already
+    await until(lambda: kv_used(rt) == 0)
+
+
+async def test_assign_and_release_round_trip(server):
+    async with Client(server.path) as c:
+        await c.assign("cpu:0", "mixed", mode="drain")
+        dev = (await c.status())["devices"][0]
+        assert (dev["name"], dev["role"], dev["pinned"]) == ("cpu:0", "mixed", True)
+        out = [ev async for ev in c.generate("Hi", GREEDY)]  # still serving
+        assert out[-1].finish_reason == "length"
+        await c.release("cpu:0")
+        assert (await c.status())["devices"][0]["pinned"] is False
+
+
+async def test_refuses_to_start_on_a_live_socket(rt, server):
+    with pytest.raises(SocketInUse, match="already listening"):
+        await serve(rt, server.path)
+    async with Client(server.path) as c:  # the live server kept its socket
+        assert await c.ping() == "pong"
+
+
+async def test_removes_a_stale_socket(rt, sock_dir):
+    path = sock_dir / "s.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))  # bound, never listening: what a killed server leaves behind
+    dead.close()
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+    async with Server(rt, path) as srv, Client(srv.path) as c:
+        assert await c.ping() == "pong"
+    assert not path.exists()  # removed at close
+
+
+async def test_socket_folder_0700_socket_0600_and_unsafe_folders_refused(rt, sock_dir):
+    path = sock_dir / "run" / "splitnode" / "s.sock"
+    async with Server(rt, path):
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.chmod(path.parent, 0o770)
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        await serve(rt, path)
+    (sock_dir / "file").write_text("")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await serve(rt, sock_dir / "file")
+    assert (sock_dir / "file").exists()
+
+
+async def test_cli_status_assign_release(server, capsys):
+    sock = str(server.path)
+    assert await asyncio.to_thread(cli.main, ["assign", "cpu:1", "mixed", "--socket", sock]) == 0
+    assert await asyncio.to_thread(cli.main, ["status", "--socket", sock]) == 0
+    out = capsys.readouterr().out
+    assert "cpu:1: mixed (pinned)" in out
+    header, row0, row1 = out.splitlines()[1:4]
+    assert header.split()[:3] == ["DEVICE", "ROLE", "PIN"]
+    assert row0.split()[:3] == ["cpu:0", "prompt", "0/64"] and row1.split()[:4] == ["cpu:1", "mixed", "yes", "0/64"]
+    assert await asyncio.to_thread(cli.main, ["release", "cpu:1", "--socket", sock]) == 0
+    assert await asyncio.to_thread(cli.main, ["assign", "cpu:9", "mixed", "--socket", sock]) == 2
+    assert "splitnode assign: error: unknown device 'cpu:9'" in capsys.readouterr().err
+
+
+def test_cli_without_a_server_is_one_line_and_exit_2(sock_dir, capsys):
+    assert cli.main(["status", "--socket", str(sock_dir / "none.sock")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no splitnode server at" in err and "splitnode serve" in err
