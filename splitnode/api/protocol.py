@@ -160,8 +160,9 @@ def full_event(ev: RequestOutput) -> dict:
 
 
 def delta_event(ev: RequestOutput, first: bool) -> dict:
+    num_old = len(ev.token_ids) - len(ev.new_token_ids)
     d = {"request_id": ev.request_id, "new_token_ids": ev.new_token_ids, "delta": ev.delta,
-         "logprobs": None if ev.logprobs is None else _logprobs_out(ev.logprobs[len(ev.token_ids) - len(ev.new_token_ids):]),
+         "logprobs": None if ev.logprobs is None else _logprobs_out(ev.logprobs[num_old:]),
          "finished": ev.finished, "finish_reason": ev.finish_reason, "metrics": ev.metrics}
     if first:
         d.update(prompt=ev.prompt, prompt_token_ids=ev.prompt_token_ids,

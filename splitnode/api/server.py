@@ -30,6 +30,7 @@ def prepare_socket_dir(path: Path) -> None:
     folder = path.parent
     if not folder.exists():
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
     st = folder.stat()
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"socket folder {folder} is not a directory")
@@ -152,6 +153,7 @@ class _Connection:
                 unpacker.feed(data)
                 for message in unpacker:
                     self._dispatch(message)
+                await self._drain()  # a peer that sends without reading its answers is read no further
         except msgpack.BufferFull:
             self._send_error(p.ProtocolError(
                 f"message larger than the limit of {self.server.max_frame_bytes} bytes; closing the connection"))
@@ -215,10 +217,15 @@ class _Connection:
         handler = self._generate if method == "generate" else self._call
         task = asyncio.get_running_loop().create_task(handler(msgid, method, list(params)))
         self.tasks[msgid] = task
-        task.add_done_callback(lambda _: self.tasks.pop(msgid, None))
+        task.add_done_callback(lambda t: self.tasks.pop(msgid) if self.tasks.get(msgid) is t else None)
 
     def _reply(self, msgid: int, error: BaseException | None = None, result=None) -> None:
         self._write([p.RESPONSE, msgid, None if error is None else p.error_object(error), result])
+
+    def _answer(self, msgid: int, error: BaseException | None = None, result=None) -> None:
+        """A task's own response: the peer may reuse the msgid as soon as it reads it."""
+        self.tasks.pop(msgid, None)
+        self._reply(msgid, error, result)
 
     async def _call(self, msgid: int, method: str, params: list) -> None:
         rt = self.rt
@@ -250,9 +257,9 @@ class _Connection:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._reply(msgid, e)
+            self._answer(msgid, e)
         else:
-            self._reply(msgid, None, result)
+            self._answer(msgid, None, result)
         await self._drain()
 
     async def _generate(self, msgid: int, method: str, params: list) -> None:
@@ -264,7 +271,7 @@ class _Connection:
             async with contextlib.aclosing(self.rt.generate(prompt, sampling)) as events:
                 async for ev in events:
                     if ev.finished:
-                        self._reply(msgid, None, p.full_event(ev))
+                        self._answer(msgid, None, p.full_event(ev))
                     else:
                         self._write([p.NOTIFICATION, "token", [msgid, p.delta_event(ev, first)]])
                         first = False
@@ -273,7 +280,7 @@ class _Connection:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._reply(msgid, e)
+            self._answer(msgid, e)
             await self._drain()
 
     async def _drain(self) -> None:

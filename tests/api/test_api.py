@@ -106,6 +106,7 @@ async def test_generate_over_socket_matches_runtime(rt, server):
 async def test_raw_msgpack_rpc_client_streams_one_notification_per_token(server):
     raw = await RawClient.open(server.path)
     assert await raw.call(7, "ping") == [1, 7, None, "pong"]
+    assert await raw.call(7, "ping") == [1, 7, None, "pong"]  # a msgid is free again once answered
     kind, msgid, error, st = await raw.call(8, "status")
     assert (kind, msgid, error) == (1, 8, None)
     assert [d["name"] for d in st["devices"]] == ["cpu:0", "cpu:1"]
@@ -187,6 +188,10 @@ async def test_open_streams_per_connection_are_limited(rt, sock_dir):
         while (m := await raw.recv())[0] == 2:
             pass
         assert m[:2] == [1, 3] and "too many open requests" in m[2]["message"] and "limit 2" in m[2]["message"]
+        raw.send(0, 2, "cancel", [0])  # msgid 2 is still streaming
+        while (m := await raw.recv())[0] == 2:
+            pass
+        assert m[:2] == [1, 2] and "msgid 2 is already in use" in m[2]["message"]
         raw.close()
     await until(lambda: kv_used(rt) == 0)
 
