@@ -245,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Unpin DEVICE on a running server: the autoscaling policy may move it again.")
     api.add_release_arguments(rel)
     rel.set_defaults(func=api.release)
+
+    from splitnode.tui import commands as tui
+
+    up = sub.add_parser("up", help="run the runtime in this process with its socket and the dashboard",
+                        description=tui.UP_DESCRIPTION)
+    tui.add_up_arguments(up)
+    add_engine_args(up, skip={"device"})  # the runtime's workers take their devices from --devices
+    up.set_defaults(func=lambda args: tui.up(args, engine_kwargs(args)))
+    dash = sub.add_parser("dash", help="open the dashboard on a running server", description=tui.DASH_DESCRIPTION)
+    tui.add_dash_arguments(dash)
+    dash.set_defaults(func=tui.dash)
     return parser
 
 

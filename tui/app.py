@@ -1,0 +1,294 @@
+"""The splitnode dashboard: what an operator keeps open while the runtime serves.
+
+One row per device (role, KV blocks, queues, batch, busy share, GPU power, temperature, memory),
+then the pools (the autoscaler's signals against its thresholds), the KV transfers (the machine's
+"NVLink traffic") and the requests (throughput, TTFT, TBT), then the requests in flight. Keys move
+the selected device between roles and drive a built-in load generator.
+
+It reads and acts only through a backend (`LocalBackend(rt)` or `RemoteBackend(client)`), so it
+runs the same in-process (`splitnode up`) and attached over the socket (`splitnode dash`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.reactive import reactive
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Static
+
+from splitnode.tui.backend import Backend
+from splitnode.tui.load import LoadGenerator
+from splitnode.tui.rates import Rates
+from splitnode.tui.view import COLUMNS, device_cells, header_text, pools_lines, requests_lines, transfers_lines
+
+HELP = """\
+[b]splitnode dashboard[/b]
+
+  ↑ ↓  j k     select a device
+  p  t  x      move it to the prompt / token / mixed role (pinned)
+  P  T  X      the same, in drain mode
+  d            toggle the default between migrate and drain:
+               migrate moves its decodes to another token worker,
+               drain finishes them where they are
+  r            release the pin: the autoscaler may move it again
+  l            start / stop the built-in load generator
+  +  -         load rate up / down (requests per second)
+  ? h          this help        q  quit
+
+A move the runtime refuses (one that would leave a phase without
+workers) shows its reason and changes nothing.
+
+[dim]escape, q, ? or h closes this help[/dim]"""
+
+MAX_IN_FLIGHT_ROWS = 200
+
+
+class StatusSampled(Message):
+    """A fresh `status()`; one still queued behind a newer one is dropped (bursts collapse)."""
+
+    def __init__(self, status: dict, t: float):
+        super().__init__()
+        self.status = status
+        self.t = t
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, StatusSampled)
+
+
+class StatusFailed(Message):
+    def __init__(self, error: str):
+        super().__init__()
+        self.error = error
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark,h", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        yield Static(HELP, id="help")
+
+
+class _Notifier(logging.Handler):
+    """Runtime warnings (a failed KV transfer, a worker error) as notifications, from any thread;
+    printed to the terminal they would tear the screen."""
+
+    def __init__(self, app: App, loop: asyncio.AbstractEventLoop):
+        super().__init__(logging.WARNING)
+        self.app, self.loop = app, loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        severity = "error" if record.levelno >= logging.ERROR else "warning"
+        self.loop.call_soon_threadsafe(self.app.notify, record.getMessage(), severity=severity, timeout=8)
+
+
+class Dashboard(App):
+    CSS_PATH = "dashboard.tcss"
+    TITLE = "splitnode"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark,h", "help", "Help", key_display="?"),
+        Binding("j", "cursor(1)", "Down", show=False),
+        Binding("k", "cursor(-1)", "Up", show=False),
+        Binding("p", "assign('prompt')", "→prompt"),
+        Binding("t", "assign('token')", "→token"),
+        Binding("x", "assign('mixed')", "→mixed"),
+        Binding("P,shift+p", "assign('prompt', 'drain')", "→prompt (drain)", show=False),
+        Binding("T,shift+t", "assign('token', 'drain')", "→token (drain)", show=False),
+        Binding("X,shift+x", "assign('mixed', 'drain')", "→mixed (drain)", show=False),
+        Binding("d", "toggle_mode", "Migrate/drain"),
+        Binding("r", "release", "Unpin"),
+        Binding("l", "toggle_load", "Load"),
+        Binding("plus,equals_sign", "load_rate(1)", "Rate+", key_display="+"),
+        Binding("minus", "load_rate(-1)", "Rate-", key_display="-"),
+    ]
+
+    mode: reactive[str] = reactive("migrate")
+    load_on: reactive[bool] = reactive(False)
+    sample: reactive[dict | None] = reactive(None, always_update=True)
+    error: reactive[str | None] = reactive(None)
+
+    def __init__(self, backend: Backend, poll_s: float = 0.25, load: bool = False, load_rate: float = 4.0):
+        super().__init__()
+        self._load_at_start = load
+        self.backend = backend
+        self.poll_s = poll_s
+        self.load = LoadGenerator(backend, rate=load_rate)
+        self.rates = Rates()
+        self.device_names: list[str] = []
+        self._notifier: _Notifier | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="header")
+        yield DataTable(id="devices", cursor_type="row")
+        with Horizontal(id="panels"):
+            yield Static(id="pools", classes="panel")
+            yield Static(id="transfers", classes="panel")
+            yield Static(id="requests", classes="panel")
+        yield DataTable(id="in-flight", cursor_type="none", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        devices = self.query_one("#devices", DataTable)
+        for key, label, width in COLUMNS:
+            devices.add_column(label, width=width, key=key)
+        in_flight = self.query_one("#in-flight", DataTable)
+        for label in ("REQUEST", "TTFT ms", "LAST TOKEN AT s", "TBT mean ms", "TBT max ms"):
+            in_flight.add_column(label)
+        self.query_one("#pools").border_title = "pools"
+        self.query_one("#transfers").border_title = "KV transfers"
+        self.query_one("#requests").border_title = "requests"
+        in_flight.border_title = "in flight"
+        devices.focus()
+        self._notifier = _Notifier(self, asyncio.get_running_loop())
+        logging.getLogger("splitnode").addHandler(self._notifier)
+        self.poll_status()
+        self.load_on = self._load_at_start
+
+    def on_unmount(self) -> None:
+        logging.getLogger("splitnode").removeHandler(self._notifier)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    @work(exclusive=True, group="poll")
+    async def poll_status(self) -> None:
+        while True:
+            try:
+                status = await self.backend.status()
+            except Exception as e:  # the server went away, say: show it, keep trying
+                self.post_message(StatusFailed(str(e) or type(e).__name__))
+            else:
+                self.post_message(StatusSampled(status, time.monotonic()))
+            await asyncio.sleep(self.poll_s)
+
+    @on(StatusSampled)
+    def _on_status(self, message: StatusSampled) -> None:
+        self.rates.add(message.t, message.status)
+        self.error = None
+        self.sample = message.status
+
+    @on(StatusFailed)
+    def _on_status_failed(self, message: StatusFailed) -> None:
+        if self.error is None:
+            self.notify(message.error, title="status failed", severity="error")
+        self.error = message.error
+
+    def watch_sample(self, status: dict | None) -> None:
+        if status is None:
+            return
+        self._show_devices(status)
+        self.query_one("#pools", Static).update(pools_lines(status))
+        self.query_one("#transfers", Static).update(transfers_lines(status, self.rates))
+        self.query_one("#requests", Static).update(requests_lines(status, self.rates))
+        self._show_in_flight(status)
+        self._show_header()
+
+    def _show_devices(self, status: dict) -> None:
+        table = self.query_one("#devices", DataTable)
+        for dev in status["devices"]:
+            busy = self.rates.device_rate(dev["name"], lambda d: d["busy_s"])
+            cells = device_cells(dev, busy)
+            if dev["name"] not in self.device_names:
+                self.device_names.append(dev["name"])
+                table.add_row(*(cells[key] for key, _, _ in COLUMNS), key=dev["name"])
+                continue
+            for key, _, width in COLUMNS:
+                table.update_cell(dev["name"], key, cells[key], update_width=width is None)
+
+    def _show_in_flight(self, status: dict) -> None:
+        table = self.query_one("#in-flight", DataTable)
+        table.clear()
+
+        def ms(m: dict, key: str) -> str:
+            return "-" if key not in m else f"{m[key] * 1000:.0f}"
+
+        for r in status["requests"]["in_flight"][:MAX_IN_FLIGHT_ROWS]:
+            table.add_row(str(r["request_id"]), ms(r, "ttft_s"),
+                          "-" if "e2e_s" not in r else f"{r['e2e_s']:.2f}", ms(r, "tbt_mean_s"), ms(r, "tbt_max_s"))
+
+    def _show_header(self) -> None:
+        if self.sample is None:
+            return
+        load = (f"on, {self.load.rate:g} req/s (sent {self.load.num_sent}, done {self.load.num_done}, "
+                f"failed {self.load.num_failed})" if self.load_on else f"off ({self.load.rate:g} req/s; l starts)")
+        text = header_text(self.sample, self.backend.where, self.mode, load)
+        if self.error:
+            text.append(f"   disconnected: {self.error}", style="bold red")
+        self.query_one("#header", Static).update(text)
+
+    def watch_mode(self) -> None:
+        self._show_header()
+
+    def watch_error(self) -> None:
+        self._show_header()
+
+    # -- acting -----------------------------------------------------------------------------------------
+
+    def selected_device(self) -> str | None:
+        row = self.query_one("#devices", DataTable).cursor_row
+        return self.device_names[row] if 0 <= row < len(self.device_names) else None
+
+    def action_cursor(self, step: int) -> None:
+        table = self.query_one("#devices", DataTable)
+        table.move_cursor(row=table.cursor_row + step)
+
+    def action_assign(self, role: str, mode: str | None = None) -> None:
+        device = self.selected_device()
+        if device is not None:
+            self.run_assign(device, role, mode or self.mode)
+
+    @work(group="assign")
+    async def run_assign(self, device: str, role: str, mode: str) -> None:
+        try:
+            await self.backend.assign(device, role, mode=mode, pin=True)
+        except Exception as e:  # refused (ValueError with the runtime's reason) or the link failed
+            self.notify(getattr(e, "message", None) or str(e), title=f"{device} → {role} refused",
+                        severity="error", timeout=8)
+            return
+        self.notify(f"{device} is now {role} (pinned; r releases)", title="role changed")
+
+    def action_release(self) -> None:
+        device = self.selected_device()
+        if device is not None:
+            self.run_release(device)
+
+    @work(group="assign")
+    async def run_release(self, device: str) -> None:
+        try:
+            await self.backend.release(device)
+        except Exception as e:
+            self.notify(str(e), title=f"release {device} failed", severity="error")
+            return
+        self.notify(f"{device} released: the autoscaler may move it", title="unpinned")
+
+    def action_toggle_mode(self) -> None:
+        self.mode = "drain" if self.mode == "migrate" else "migrate"
+
+    def action_toggle_load(self) -> None:
+        self.load_on = not self.load_on
+
+    def watch_load_on(self, on: bool) -> None:
+        if on:
+            self.run_load()
+        else:
+            self.workers.cancel_group(self, "load")
+        self._show_header()
+
+    @work(exclusive=True, group="load")
+    async def run_load(self) -> None:
+        await self.load.run()
+
+    def action_load_rate(self, step: int) -> None:
+        rate = self.load.faster() if step > 0 else self.load.slower()
+        self.notify(f"{rate:g} requests/s", title="load rate", timeout=2)
+        self._show_header()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())

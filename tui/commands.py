@@ -1,0 +1,129 @@
+"""`splitnode up` (the runtime in this process, its socket, and the dashboard) and `splitnode dash`
+(the dashboard attached to a running server). cli.py wires them in, as it does the others."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+UP_DESCRIPTION = ("Start the phase-split runtime on DEVICES in this process, serve it on a Unix socket (so "
+                  "`splitnode dash`, `splitnode status` and other clients can attach) and open the dashboard. "
+                  "q in the dashboard stops everything and removes the socket.")
+DASH_DESCRIPTION = "Open the dashboard on a running server (`splitnode up` or `splitnode serve`) through its socket."
+
+
+def default_devices() -> str:
+    """Every visible GPU; without one, three CPU workers, so the demo shows a prompt/token split."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu:3"
+
+
+def _socket_help() -> str:
+    from splitnode.api.protocol import default_socket_path
+
+    return f"the server's Unix socket (default: {default_socket_path()})"
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", default=None,
+                        help="devices to run on: cuda (all GPUs), cuda:0,cuda:2, or cpu:N for N CPU workers "
+                             "(default: cuda if a GPU is visible, else cpu:3)")
+    parser.add_argument("--roles", default=None, metavar="DEV=ROLE,...",
+                        help="initial roles, e.g. cpu:0=prompt,cpu:1=token; roles are prompt, token, mixed "
+                             "(default: a third of the devices prompt, the rest token; one device mixed)")
+    parser.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
+                        help="let the policy borrow and re-purpose devices that no one pinned (default: %(default)s)")
+    parser.add_argument("--socket", type=Path, default=None, metavar="PATH", help=_socket_help())
+    parser.add_argument("--load", action="store_true",
+                        help="start the dashboard's load generator at once (default: off; l toggles it)")
+
+
+def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=None, metavar="PATH", help=_socket_help())
+
+
+def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    from splitnode.api import protocol as p
+    from splitnode.api.commands import parse_roles
+    from splitnode.runtime import RuntimeConfig
+
+    config = RuntimeConfig(devices=args.devices or default_devices(), roles=parse_roles(args.roles),
+                           autoscale=args.autoscale, **engine_kwargs)  # bad values fail here, before loading
+    try:
+        return _run(_up(config, args.socket or p.default_socket_path(), args.load))
+    except (p.SocketInUse, PermissionError, FileExistsError) as e:
+        print(f"splitnode up: error: {e}", file=sys.stderr)
+        return 2
+
+
+def dash(args: argparse.Namespace) -> int:
+    from splitnode.api import protocol as p
+
+    try:
+        return _run(_dash(args.socket or p.default_socket_path()))
+    except (OSError, p.RemoteError) as e:  # no server there (ServerNotRunning is a ConnectionError)
+        print(f"splitnode dash: error: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 2
+
+
+def _run(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _up(config, path: Path, load: bool) -> int:
+    from splitnode.api import server
+    from splitnode.runtime import Runtime
+    from splitnode.tui.app import Dashboard
+    from splitnode.tui.backend import LocalBackend
+
+    server.prepare_socket_dir(path)
+    await server.check_socket_free(path)  # before the model loads, not after
+    print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    # The runtime logs each worker's load; shown here, before the dashboard owns the terminal.
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(logging.Formatter("splitnode: %(message)s"))
+    logger = logging.getLogger("splitnode")
+    logger.addHandler(progress)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    rt = Runtime(config)
+    try:
+        await rt.start()
+    finally:
+        logger.removeHandler(progress)
+        logger.setLevel(level)
+    try:
+        srv = await server.serve(rt, path)
+        try:
+            roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
+            print(f"splitnode: loaded in {time.perf_counter() - t0:.1f}s; {roles}; serving on {path}",
+                  file=sys.stderr, flush=True)
+            await Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load).run_async()
+        finally:
+            await srv.close()
+    finally:
+        await rt.stop()
+    print("splitnode: stopped", file=sys.stderr)
+    return 0
+
+
+async def _dash(path: Path) -> int:
+    from splitnode.api.client import Client
+    from splitnode.tui.app import Dashboard
+    from splitnode.tui.backend import RemoteBackend
+
+    async with Client(path) as client:
+        await client.status()  # fail here, with the server's reason, rather than inside the dashboard
+        await Dashboard(RemoteBackend(client, where=f"attached to {path}")).run_async()
+    return 0
