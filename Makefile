@@ -5,8 +5,8 @@ VENV ?= .venv
 # Installed only when the venv has no importable torch: an unpinned torch pulls a multi-GB CUDA
 # build, and a torch the user installed (e.g. a CUDA one) is left alone.
 TORCH_SPEC ?= torch==2.13.0
-# The main job. It becomes `splitnode up` once the multi-device runtime lands.
-MAIN ?= splitnode generate "Hello"
+# The main job: the runtime on every GPU (or three CPU workers) with its dashboard; q quits.
+MAIN ?= splitnode up
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
