@@ -71,14 +71,15 @@ class ModelRunner:
         """Runs the batch; returns float32 logits of the flat-batch rows asked for."""
         n = len(batch)
         if self.graphs and batch.num_decodes == n and layer_hook is None and n <= max(self.graphs):
-            hidden = self._replay(batch)
-        else:
-            input_ids, positions, ctx = self.prepare(batch, layer_hook)
-            hidden = self.model(input_ids, positions, ctx)
+            logits = self._replay(batch)  # a decode-only batch samples every row, in order
+            return logits if rows == list(range(n)) else logits[rows]
+        input_ids, positions, ctx = self.prepare(batch, layer_hook)
+        hidden = self.model(input_ids, positions, ctx)
         index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, index))
 
-    # CUDA graphs: static input buffers sized for the largest batch; each graph reads a prefix.
+    # CUDA graphs: static input buffers sized for the largest batch; each graph reads a prefix and
+    # writes the logits of every row. One pinned host buffer carries a step's inputs in one copy.
 
     def _capture_graphs(self, max_bs: int) -> None:
         dev = self.device
@@ -87,16 +88,17 @@ class ModelRunner:
         self.g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_host = torch.zeros(max_bs * (4 + self.max_blocks_per_seq), dtype=torch.int64).pin_memory()
         self.g_out: dict[int, torch.Tensor] = {}
         sizes = [b for b in (1, 2, 4, 8) + tuple(range(16, max_bs + 1, 16)) if b <= max_bs]
         pool = None
         with torch.inference_mode():
             for bs in reversed(sizes):
                 ctx = AttentionContext(self.kv_caches, self.g_slots[:bs], bs, self.g_tables[:bs], self.g_lens[:bs])
-                self.model(self.g_ids[:bs], self.g_pos[:bs], ctx)  # warm-up outside the graph
+                self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs], ctx))  # warm-up
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    self.g_out[bs] = self.model(self.g_ids[:bs], self.g_pos[:bs], ctx)
+                    self.g_out[bs] = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs], ctx))
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = graph
         torch.cuda.synchronize(dev)
@@ -104,20 +106,26 @@ class ModelRunner:
     def _replay(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
         bs = min(b for b in self.graphs if b >= n)
-        ids, pos, slots, lens = [], [], [], []
-        tables = torch.zeros(bs, self.max_blocks_per_seq, dtype=torch.int32)
-        for i, seq in enumerate(batch.seqs):
-            p = seq.num_computed
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
-            lens.append(p + 1)
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         pad = bs - n
-        self.g_ids[:bs].copy_(self._to_device(ids + [0] * pad, torch.int64))
-        self.g_pos[:bs].copy_(self._to_device(pos + [0] * pad, torch.int64))
-        self.g_slots[:bs].copy_(self._to_device(slots + [-1] * pad, torch.int64))
-        self.g_lens[:bs].copy_(self._to_device(lens + [1] * pad, torch.int32))
-        self.g_tables[:bs].copy_(tables.pin_memory().to(self.device, non_blocking=True))
+        bsz = self.block_size
+        width = max(len(s.block_table) for s in batch.seqs)
+        pos = [s.num_computed for s in batch.seqs]
+        flat = [s.token_ids[p] for s, p in zip(batch.seqs, pos)] + [0] * pad
+        flat += pos + [0] * pad
+        flat += [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(batch.seqs, pos)] + [-1] * pad
+        flat += [p + 1 for p in pos] + [1] * pad
+        for s in batch.seqs:
+            flat += s.block_table + [0] * (width - len(s.block_table))
+        flat += [0] * (pad * width)
+        # Safe to refill every step: the step ends in a sync (the sampled ids come to the host).
+        host = self.g_host[: len(flat)]
+        host.copy_(torch.tensor(flat, dtype=torch.int64))
+        dev = host.to(self.device, non_blocking=True)
+        self.g_ids[:bs].copy_(dev[:bs])
+        self.g_pos[:bs].copy_(dev[bs:2 * bs])
+        self.g_slots[:bs].copy_(dev[2 * bs:3 * bs])
+        self.g_lens[:bs].copy_(dev[3 * bs:4 * bs])
+        # Columns past `width` keep older entries: never read, every read is below context_len.
+        self.g_tables[:bs, :width].copy_(dev[4 * bs:].view(bs, width))
         self.graphs[bs].replay()
         return self.g_out[bs][:n]

@@ -37,19 +37,18 @@ class KVMover:
         self.stats = TransferStats()
         self._lock = threading.Lock()
 
-    def send(self, src, dst, src_blocks: list[int], dst_blocks: list[int], layers: range) -> None:
-        """Copies `layers` of src_blocks (in src's pool) into dst_blocks (in dst's pool). `src`
+    def send(self, src, dst, src_blocks, dst_blocks, layers: range) -> None:
+        """Copies `layers` of src_blocks (in src's pool) into dst_blocks (in dst's pool): lists, or
+        int64 tensors already on each side's device (`block_ids`, made once per sequence). `src`
         and `dst` are engines with `.kv_caches`, `.device` and, on CUDA, `.compute_stream` and
         `.transfer_stream`. On CUDA this only enqueues; `completion_event(dst)` marks the end."""
         assert len(src_blocks) == len(dst_blocks), "source and destination block counts differ"
         t0 = time.perf_counter()
-        src_ids = torch.tensor(src_blocks, dtype=torch.int64)
-        dst_ids = torch.tensor(dst_blocks, dtype=torch.int64)
+        src_ids = block_ids(src_blocks, src.device)
+        dst_ids = block_ids(dst_blocks, dst.device)
         nbytes = 0
         cuda = src.device.type == "cuda"
         if cuda:
-            src_ids = src_ids.to(src.device)
-            dst_ids = dst_ids.to(dst.device)
             src.transfer_stream.wait_stream(src.compute_stream)  # the layer's K/V is written
         for layer in layers:
             k_src, v_src = src.kv_caches[layer]
@@ -91,6 +90,12 @@ class KVMover:
             self.stats.num_sequences += sequences
             self.stats.num_failed += failed
             self.stats.in_flight += in_flight
+
+
+def block_ids(blocks, device: torch.device) -> torch.Tensor:
+    if isinstance(blocks, torch.Tensor):
+        return blocks
+    return torch.tensor(blocks, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _on(engine):

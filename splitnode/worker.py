@@ -19,6 +19,7 @@ import torch
 
 from splitnode.engine import Engine
 from splitnode.sequence import Sequence, SeqStatus
+from splitnode.transfer import block_ids
 
 if TYPE_CHECKING:
     from splitnode.runtime import Runtime
@@ -241,6 +242,7 @@ class Worker:
         layer l's blocks as soon as layer l is written, while layer l+1 computes. Short prompts
         move in one piece after their prefill (see `_hand_off`)."""
         cfg = self.rt.config
+        mover, eng = self.rt.mover, self.engine
         jobs = []
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             if seq.dest is None or seq.is_decode or seq.num_prompt_tokens < cfg.layerwise_min_tokens:
@@ -248,12 +250,13 @@ class Worker:
             blocks = seq.dest.engine.pool.reserved_blocks(seq.seq_id)
             if blocks is None or len(blocks) < len(seq.block_table):
                 continue
-            lo = seq.num_computed // self.engine.pool.block_size
-            hi = self.engine.pool.blocks_for(seq.num_computed + n)
-            jobs.append((seq, seq.block_table[lo:hi], blocks[lo:hi], seq.num_computed + n == seq.num_tokens))
+            lo = seq.num_computed // eng.pool.block_size
+            hi = eng.pool.blocks_for(seq.num_computed + n)
+            dst = seq.dest.engine
+            jobs.append((seq, block_ids(seq.block_table[lo:hi], eng.device), block_ids(blocks[lo:hi], dst.device),
+                         seq.num_computed + n == seq.num_tokens))
         if not jobs:
             return None
-        mover, eng = self.rt.mover, self.engine
 
         def hook(layer: int) -> None:
             for seq, src, dst, last in jobs:

@@ -50,7 +50,7 @@ async def test_split_and_colocated_match_single_device(reference, roles):
     ps, ref = reference
     # prompts on both sides of layerwise_min_tokens: 5, 17, 40 move in one piece; 90, 130 per layer
     cfg = RuntimeConfig(devices="cpu:3", roles=roles, num_kv_blocks=BLOCKS, layerwise_min_tokens=64,
-                        max_num_batched_tokens=64, autoscale=False)
+                        autoscale=False)
     async with Runtime(cfg) as rt:
         results = await asyncio.gather(*[collect(rt, p) for p in ps])
         st = rt.status()
