@@ -174,3 +174,42 @@ def test_runtime_config_rejects_bad_devices_and_roles():
         RuntimeConfig(devices="cpu:2", roles={"cpu:5": "prompt"})
     assert RuntimeConfig(devices="cpu:3").roles == {"cpu:0": "prompt", "cpu:1": "token", "cpu:2": "token"}
     assert RuntimeConfig(devices="cpu:1").roles == {"cpu:0": "mixed"}
+
+
+async def test_chunked_prefill_sends_each_chunk_layer_by_layer():
+    """A long prompt prefilled in 32-token chunks on the prompt worker: each chunk's blocks go to
+    the token worker layer by layer, and the decode there matches the single-device engine run
+    with the same chunking."""
+    (prompt,) = prompts([150], seed=3)
+    ref = LLM(num_kv_blocks=BLOCKS, max_num_batched_tokens=32).generate([prompt], GREEDY)[0]
+    cfg = RuntimeConfig(devices="cpu:2", num_kv_blocks=BLOCKS, layerwise_min_tokens=64,
+                        max_num_batched_tokens=32, autoscale=False)
+    async with Runtime(cfg) as rt:
+        events = await collect(rt, prompt)
+        st = rt.status()
+    assert events[-1].token_ids == ref.token_ids
+    same_logprobs(events[-1].logprobs, ref.logprobs, 1e-5)
+    num_layers = 4  # the demo model
+    chunks = -(-150 // 32)
+    assert st["transfers"]["num_transfers"] == chunks * num_layers
+    assert st["transfers"]["bytes_moved"] > 0 and st["transfers"]["num_failed"] == 0
+
+
+async def test_timed_out_transfer_is_recomputed_on_the_token_worker(reference, monkeypatch):
+    ps, ref = reference
+
+    class NeverDoneEvent:
+        """Test double for a CUDA event of a copy that never completes (a hung link)."""
+
+        def query(self) -> bool:
+            return False
+
+    cfg = RuntimeConfig(devices="cpu:2", num_kv_blocks=BLOCKS, transfer_timeout_s=0.05, autoscale=False)
+    async with Runtime(cfg) as rt:
+        monkeypatch.setattr(rt.mover, "completion_event", lambda src, dst: NeverDoneEvent())
+        results = await asyncio.gather(*[collect(rt, p) for p in ps[:3]])
+        st = rt.status()
+    for events, r in zip(results, ref):
+        assert events[-1].token_ids == r.token_ids
+    assert st["transfers"]["num_failed"] == 3 and st["transfers"]["in_flight"] == 0
+    assert all(d["kv_blocks_used"] == 0 for d in st["devices"])
