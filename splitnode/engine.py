@@ -112,20 +112,18 @@ class Engine:
     def has_work(self) -> bool:
         return self.batcher.has_work()
 
-    def step(self, layer_hook: Callable[[int], None] | None = None) -> tuple[Batch, list[Sequence]]:
+    def step(self, hook_for: Callable[[Batch], Callable[[int], None] | None] | None = None,
+             ) -> tuple[Batch, list[Sequence]]:
         """Runs one batch. Returns it and the sequences that got a token in it (finished ones are
-        already out of the batcher, their blocks free)."""
-        with self.pool.lock:
+        already out of the batcher, their blocks free). `hook_for(batch)` may give a per-layer
+        hook for the forward (the runtime's layer-wise KV transfer)."""
+        with self.pool.lock:  # other threads reserve blocks here: check-then-allocate is atomic
             batch = self.batcher.schedule()
         if not batch:
             return batch, []
         rows, plan = self._logit_rows(batch)
-        logits = self.runner.run(batch, rows, layer_hook) if rows else self._run_no_logits(batch, layer_hook)
+        logits = self.runner.run(batch, rows, hook_for(batch) if hook_for else None)
         return batch, self._postprocess(batch, logits, plan)
-
-    def _run_no_logits(self, batch: Batch, layer_hook) -> torch.Tensor:
-        self.runner.run(batch, [0], layer_hook)
-        return torch.empty(0)
 
     def _logit_rows(self, batch: Batch):
         """Which flat-batch rows need logits: the last row of every chunk that completes its

@@ -75,6 +75,8 @@ class ModelRunner:
             return logits if rows == list(range(n)) else logits[rows]
         input_ids, positions, ctx = self.prepare(batch, layer_hook)
         hidden = self.model(input_ids, positions, ctx)
+        if not rows:  # every chunk in the batch is a partial prefill
+            return hidden.new_empty(0, dtype=torch.float32)
         index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, index))
 

@@ -63,7 +63,8 @@ class Worker:
 
     @property
     def pending_prompt_tokens(self) -> int:
-        return self.routed_prompt_tokens - self.done_prompt_tokens
+        # recomputes (not routed here) also count as done: never below zero
+        return max(0, self.routed_prompt_tokens - self.done_prompt_tokens)
 
     def post(self, *op) -> None:
         self.inbox.append(op)
@@ -109,18 +110,12 @@ class Worker:
             if seq.dest is not None:
                 seq.dest.engine.pool.renew(seq.seq_id, self.rt.config.reservation_lease_s)
         t0 = time.perf_counter()
-        with eng.pool.lock:  # other threads reserve blocks here: check-then-allocate is atomic
-            batch = eng.batcher.schedule()
+        batch, seqs = eng.step(self._layer_hook)
         if not batch:
             self.wake.wait(0.005)
             self.wake.clear()
             return
-        hook = self._layer_hook(batch)
-        rows, plan = eng._logit_rows(batch)
-        logits = eng.runner.run(batch, rows or [0], hook)
-        prompt_tokens = sum(n for s, n in zip(batch.seqs, batch.chunk_lens) if not s.is_decode)
-        seqs = eng._postprocess(batch, logits, plan)
-        self.done_prompt_tokens += prompt_tokens
+        self.done_prompt_tokens += sum(batch.chunk_lens[batch.num_decodes:])
         self.last_batch_size, self.last_batch_tokens = len(batch), batch.num_tokens
         self.num_steps += 1
         self.busy_s += time.perf_counter() - t0
