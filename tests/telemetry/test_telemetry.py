@@ -1,0 +1,215 @@
+"""The NVML sampler, against `FakeNVML` (a test double with pynvml's calls and units), and where
+its numbers end up: Runtime.status() and the dashboard's device table. Without NVML (this machine,
+CPU workers) the fields say why."""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+
+from splitnode.runtime import Runtime, RuntimeConfig
+from splitnode.telemetry import GPUSampler, nvml_targets
+from splitnode.tui.app import Dashboard
+from splitnode.tui.backend import LocalBackend
+
+
+class FakeNVML:
+    """Test double for the `pynvml` module: the calls GPUSampler makes, in NVML's units (mW, mJ,
+    bytes, °C, MHz), for boards named by UUID or PCI bus id. Each read of the energy counter
+    advances it by `energy_step_mj`, as a board drawing power would."""
+
+    NVML_TEMPERATURE_GPU = 0
+    NVML_CLOCK_SM = 1
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, boards: dict[str, dict], energy_step_mj: int = 0, unsupported: tuple[str, ...] = ()):
+        self.boards = boards
+        self.energy_step_mj = energy_step_mj
+        self.unsupported = set(unsupported)
+        self.num_inits = self.num_shutdowns = 0
+
+    def nvmlInit(self):
+        self.num_inits += 1
+
+    def nvmlShutdown(self):
+        self.num_shutdowns += 1
+
+    def _board(self, key):
+        if key not in self.boards:
+            raise self.NVMLError("Not Found")
+        return self.boards[key]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return self._board(uuid)
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id):
+        return self._board(bus_id)
+
+    def _get(self, board, field):
+        if field in self.unsupported:
+            raise self.NVMLError("Not Supported")
+        return board[field]
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._get(h, "power_mw")
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return self._get(h, "limit_mw")
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        value = self._get(h, "energy_mj")
+        h["energy_mj"] += self.energy_step_mj
+        return value
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return types.SimpleNamespace(gpu=self._get(h, "util"), memory=0)
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=self._get(h, "mem_used"), total=self._get(h, "mem_total"), free=0)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        assert sensor == self.NVML_TEMPERATURE_GPU
+        return self._get(h, "temp")
+
+    def nvmlDeviceGetClockInfo(self, h, clock):
+        assert clock == self.NVML_CLOCK_SM
+        return self._get(h, "sm_mhz")
+
+
+GIB = 1024**3
+
+
+def board(power_mw=250_000, temp=61):
+    return {"power_mw": power_mw, "limit_mw": 700_000, "energy_mj": 5_000_000, "util": 87,
+            "mem_used": 12 * GIB, "mem_total": 80 * GIB, "temp": temp, "sm_mhz": 1980}
+
+
+def test_sampler_reads_each_board_in_watts_joules_bytes():
+    nvml = FakeNVML({"GPU-aaaa": board(), "00000000:17:00.0": board(power_mw=100_500, temp=40)})
+    sampler = GPUSampler({"cuda:0": "GPU-aaaa", "cuda:1": "00000000:17:00.0", "cpu:0": None}, nvml=nvml)
+    sampler.start()
+    try:
+        s0, s1 = sampler.sample("cuda:0"), sampler.sample("cuda:1")
+    finally:
+        sampler.stop()
+    assert s0["available"] is True
+    assert {k: s0[k] for k in ("power_w", "power_limit_w", "energy_j", "util_pct", "mem_used_bytes",
+                               "mem_total_bytes", "temp_c", "sm_clock_mhz")} == {
+        "power_w": 250.0, "power_limit_w": 700.0, "energy_j": 5000.0, "util_pct": 87,
+        "mem_used_bytes": 12 * GIB, "mem_total_bytes": 80 * GIB, "temp_c": 61, "sm_clock_mhz": 1980}
+    assert (s1["power_w"], s1["temp_c"]) == (100.5, 40)  # found by PCI bus id
+    assert sampler.sample("cpu:0") == {"available": False, "reason": "cpu worker"}
+    assert (nvml.num_inits, nvml.num_shutdowns) == (1, 1)
+
+
+def test_sampler_thread_follows_the_board():
+    b = board()
+    sampler = GPUSampler({"cuda:0": "GPU-aaaa"}, interval_s=0.01, nvml=FakeNVML({"GPU-aaaa": b}))
+    sampler.start()
+    try:
+        b["power_mw"], b["temp"] = 410_000, 75
+        deadline = time.monotonic() + 5
+        while sampler.sample("cuda:0")["power_w"] != 410.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sampler.sample("cuda:0")["power_w"] == 410.0
+        assert sampler.sample("cuda:0")["temp_c"] == 75
+    finally:
+        sampler.stop()
+    assert sampler._thread is None
+
+
+def test_unsupported_counter_is_none_not_made_up():
+    sampler = GPUSampler({"cuda:0": "GPU-aaaa"}, nvml=FakeNVML({"GPU-aaaa": board()}, unsupported=("energy_mj",)))
+    sampler.start()
+    sampler.stop()
+    s = sampler.sample("cuda:0")
+    assert s["available"] and s["energy_j"] is None and s["power_w"] == 250.0
+
+
+def test_board_nvml_cannot_find_says_so():
+    sampler = GPUSampler({"cuda:0": "GPU-missing", "cuda:1": "GPU-aaaa"}, nvml=FakeNVML({"GPU-aaaa": board()}))
+    sampler.start()
+    sampler.stop()
+    missing = sampler.sample("cuda:0")
+    assert missing["available"] is False and missing["reason"].startswith("NVML has no device GPU-missing")
+    assert sampler.sample("cuda:1")["available"] is True
+
+
+def test_nvml_that_fails_to_start_says_why():
+    nvml = FakeNVML({})
+
+    def init():
+        raise FakeNVML.NVMLError("Driver Not Loaded")
+
+    nvml.nvmlInit = init
+    sampler = GPUSampler({"cuda:0": "GPU-aaaa"}, nvml=nvml)
+    sampler.start()
+    sampler.stop()
+    assert sampler.sample("cuda:0") == {"available": False, "reason": "NVML not available: Driver Not Loaded"}
+
+
+def test_real_pynvml_without_the_library_says_why():
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has NVML")
+    sampler = GPUSampler({"cuda:0": "GPU-aaaa"})  # the production path: pynvml itself
+    sampler.start()
+    sampler.stop()
+    s = sampler.sample("cuda:0")
+    assert s["available"] is False and s["reason"].startswith("NVML not available: ")
+
+
+def test_cuda_devices_are_found_by_uuid_or_pci_bus_id_not_torch_index(monkeypatch):
+    import torch
+
+    props = {0: types.SimpleNamespace(uuid="58e6a1c2-0000-1111-2222-333344445555"),
+             1: types.SimpleNamespace(uuid=None, pci_bus_id=0x17, pci_device_id=0, pci_domain_id=0),
+             2: types.SimpleNamespace()}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    assert nvml_targets(["cuda:0", "cuda:1", "cuda:2", "cpu:0"]) == {
+        "cuda:0": "GPU-58e6a1c2-0000-1111-2222-333344445555", "cuda:1": "00000000:17:00.0",
+        "cuda:2": "unresolved:cuda:2", "cpu:0": None}
+    sampler = GPUSampler({"cuda:2": "unresolved:cuda:2"}, nvml=FakeNVML({}))
+    sampler.start()
+    sampler.stop()
+    assert "neither a UUID nor a PCI bus id" in sampler.sample("cuda:2")["reason"]
+
+
+async def test_cpu_workers_report_why_there_are_no_gpu_numbers():
+    async with Runtime(RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)) as rt:
+        st = rt.status()
+    assert [d["gpu"] for d in st["devices"]] == [{"available": False, "reason": "cpu worker"}] * 2
+
+
+async def test_doubled_readings_reach_status_and_the_dashboard():
+    # The test double stands in for two boards; the sampler is told the workers run on them.
+    nvml = FakeNVML({"GPU-fake0": board(), "GPU-fake1": board(power_mw=120_000, temp=44)}, energy_step_mj=1000)
+    sampler = GPUSampler({"cpu:0": "GPU-fake0", "cpu:1": "GPU-fake1"}, interval_s=0.05, nvml=nvml)
+    cfg = RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)
+    async with Runtime(cfg, telemetry=sampler) as rt:
+        gpu = rt.status()["devices"][1]["gpu"]
+        assert (gpu["available"], gpu["power_w"], gpu["power_limit_w"], gpu["temp_c"]) == (True, 120.0, 700.0, 44)
+        app = Dashboard(LocalBackend(rt))
+        async with app.run_test(size=(120, 35)) as pilot:
+            table = app.query_one("#devices")
+            for _ in range(100):
+                if table.row_count == 2 and "W" in str(app.query_one("#requests").content):
+                    break
+                await pilot.pause(0.05)
+            assert str(table.get_cell("cpu:0", "power")) == "250/700 W"
+            assert str(table.get_cell("cpu:1", "power")) == "120/700 W"
+            assert str(table.get_cell("cpu:0", "temp")) == "61°C"
+            assert str(table.get_cell("cpu:0", "memory")) == "12.0/80 GiB"
+            assert str(table.get_cell("cpu:0", "busy")).endswith("/87%")
+            # energy counters advance 1 J per read on each board: the panel shows a power figure
+            assert " W" in str(app.query_one("#requests").content)
+    assert nvml.num_shutdowns == 1

@@ -1,0 +1,164 @@
+"""The dashboard driven by Textual's pilot against a real Runtime on three CPU workers (the demo
+model): what the table shows is what status() says, keys move roles, a refused move is a
+notification, and the load generator sends real requests."""
+
+from __future__ import annotations
+
+import pytest
+from textual.notifications import Notify
+
+from splitnode.runtime import Runtime, RuntimeConfig
+from splitnode.tui.app import Dashboard, HelpScreen
+from splitnode.tui.backend import LocalBackend, RemoteBackend
+
+SIZE = (120, 35)
+
+
+@pytest.fixture
+async def rt():
+    # autoscale off: only the keys under test move roles. 256 blocks of 16 tokens hold the load
+    # generator's longest prompt.
+    async with Runtime(RuntimeConfig(devices="cpu:3", num_kv_blocks=256, autoscale=False)) as rt:
+        yield rt
+
+
+async def wait_for(pilot, check, timeout_s: float = 20.0, step_s: float = 0.05):
+    """Polls `check()` between pilot pauses until it is true; fails after `timeout_s`."""
+    for _ in range(int(timeout_s / step_s)):
+        if check():
+            return
+        await pilot.pause(step_s)
+    assert check(), f"not true after {timeout_s}s"
+
+
+def cell(app, device: str, column: str) -> str:
+    return str(app.query_one("#devices").get_cell(device, column))
+
+
+def roles(rt) -> dict[str, str]:
+    return {d["name"]: d["role"] for d in rt.status()["devices"]}
+
+
+async def test_rows_show_roles_and_kv_blocks_from_status(rt):
+    app = Dashboard(LocalBackend(rt))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#devices").row_count == 3)
+        for dev in rt.status()["devices"]:
+            assert cell(app, dev["name"], "role") == dev["role"]
+            assert cell(app, dev["name"], "kv").endswith(f" {dev['kv_blocks_used']}/{dev['kv_blocks_total']}")
+            assert cell(app, dev["name"], "power") == "n/a (cpu)"
+            assert cell(app, dev["name"], "memory") == "n/a (cpu)"
+        assert [cell(app, f"cpu:{i}", "kv") for i in range(3)] == ["░░░░░░░ 0/256"] * 3
+        header = str(app.query_one("#header").content)
+        assert "3 devices: 1 prompt · 2 token · 0 mixed" in header and "in-process" in header
+        pools = str(app.query_one("#pools").content)
+        assert "prompt 1  cpu:0" in pools and "token  2  cpu:1 cpu:2" in pools and "borrow>8192" in pools
+        assert "energy  n/a (cpu)" in str(app.query_one("#requests").content)
+
+
+async def test_keys_move_the_selected_device_and_release_its_pin(rt):
+    app = Dashboard(LocalBackend(rt))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#devices").row_count == 3)
+        await pilot.press("j", "p")  # cpu:1: token -> prompt
+        await wait_for(pilot, lambda: roles(rt)["cpu:1"] == "prompt" and cell(app, "cpu:1", "role") == "prompt pinned")
+        assert rt.status()["devices"][1]["pinned"]
+        assert app.query_one("#devices").cursor_row == 1
+
+        await pilot.press("r")
+        await wait_for(pilot, lambda: cell(app, "cpu:1", "role") == "prompt")
+        assert not rt.status()["devices"][1]["pinned"]
+
+        await pilot.press("down", "X")  # shift: drain mode, cpu:2 -> mixed
+        await wait_for(pilot, lambda: roles(rt)["cpu:2"] == "mixed")
+        assert rt.worker("cpu:2").mode == "drain"
+
+        await pilot.press("d", "k", "k", "x")  # drain as the default now; cpu:0 -> mixed
+        assert "role changes: drain" in str(app.query_one("#header").content)
+        await wait_for(pilot, lambda: roles(rt)["cpu:0"] == "mixed")
+        assert rt.worker("cpu:0").mode == "drain"
+        assert roles(rt) == {"cpu:0": "mixed", "cpu:1": "prompt", "cpu:2": "mixed"}
+        await wait_for(pilot, lambda: "0 token" in str(app.query_one("#header").content))
+
+
+async def test_refused_move_is_a_notification_and_changes_nothing(rt):
+    notes = []
+    app = Dashboard(LocalBackend(rt))
+
+    def hook(message):
+        if isinstance(message, Notify):
+            notes.append(message.notification)
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await wait_for(pilot, lambda: app.query_one("#devices").row_count == 3)
+        await pilot.press("t")  # cpu:0 is the only prompt worker
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in notes))
+        (note,) = [n for n in notes if n.severity == "error"]
+        assert note.title == "cpu:0 → token refused"
+        assert "no worker could run the prompt phase" in note.message
+        assert roles(rt) == {"cpu:0": "prompt", "cpu:1": "token", "cpu:2": "token"}
+        assert not any(d["pinned"] or d["target_role"] for d in rt.status()["devices"])
+        assert app.is_running
+
+
+async def test_load_generator_sends_real_requests_until_stopped(rt):
+    app = Dashboard(LocalBackend(rt), load_rate=8.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("l")
+        await wait_for(pilot, lambda: rt.status()["requests"]["finished"] >= 4, timeout_s=30)
+        st = rt.status()
+        assert st["requests"]["num_generated_tokens"] >= 4 * 16
+        assert st["transfers"]["num_sequences"] >= 4  # prefilled on cpu:0, decoded on a token worker
+        await wait_for(pilot, lambda: "throughput  -" not in str(app.query_one("#requests").content))
+        assert "load: on, 8 req/s" in str(app.query_one("#header").content)
+        await pilot.press("plus")
+        assert app.load.rate == 16.0
+        await pilot.press("l")
+        await wait_for(pilot, lambda: rt.status()["requests"]["active"] == 0)
+        sent = app.load.num_sent
+        assert app.load.num_done >= 4 and app.load.num_failed == 0
+        assert "load: off" in str(app.query_one("#header").content)
+        await pilot.pause(0.3)
+        assert app.load.num_sent == sent  # stopped: nothing more is sent
+    assert all(d["kv_blocks_used"] == 0 for d in rt.status()["devices"])
+
+
+async def test_help_opens_and_closes_and_q_quits(rt):
+    app = Dashboard(LocalBackend(rt))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("h")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("h")
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, timeout_s=5)
+
+
+async def test_attached_over_the_socket(rt, tmp_path):
+    from splitnode.api.client import Client
+    from splitnode.api.server import serve
+
+    notes = []
+    srv = await serve(rt, tmp_path / "s.sock")
+    try:
+        async with Client(tmp_path / "s.sock") as client:
+            app = Dashboard(RemoteBackend(client, where="attached"))
+
+            def hook(message):
+                if isinstance(message, Notify):
+                    notes.append(message.notification)
+
+            async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+                await wait_for(pilot, lambda: app.query_one("#devices").row_count == 3)
+                assert cell(app, "cpu:2", "role") == "token"
+                await pilot.press("t")  # refused: the server's reason comes back
+                await wait_for(pilot, lambda: any(n.severity == "error" for n in notes))
+                assert "no worker could run the prompt phase" in notes[-1].message
+                await pilot.press("down", "down", "x")
+                await wait_for(pilot, lambda: cell(app, "cpu:2", "role") == "mixed pinned")
+                assert roles(rt)["cpu:2"] == "mixed"
+    finally:
+        await srv.close()
