@@ -140,7 +140,7 @@ class Dashboard(App):
         for key, label, width in COLUMNS:
             devices.add_column(label, width=width, key=key)
         in_flight = self.query_one("#in-flight", DataTable)
-        for label in ("REQUEST", "TTFT ms", "LAST TOKEN AT s", "TBT mean ms", "TBT max ms"):
+        for label in ("REQUEST", "TTFT ms", "E2E so far s", "TBT mean ms", "TBT max ms"):
             in_flight.add_column(label)
         self.query_one("#pools").border_title = "pools"
         self.query_one("#transfers").border_title = "KV transfers"
