@@ -31,13 +31,15 @@ def paged_decode_attention_ref(
     max_len = num_blocks * block_size
     tables = block_tables[:, :num_blocks].long().clamp(min=0).flatten()
     # Whole blocks through index_select (several times faster on CPU than per-slot fancy indexing),
-    # viewed as [B, Hkv, L, D] without a copy; each kv head's group of query heads plays the role of
-    # SDPA's query length, so GQA needs no repeated K/V. float32 throughout (free when already so).
-    k = k_cache.index_select(0, tables).view(b, max_len, hkv, d).transpose(1, 2).float()
-    v = v_cache.index_select(0, tables).view(b, max_len, hkv, d).transpose(1, 2).float()
+    # then one copy to [B, Hkv, L, D] so both products are plain batched GEMMs over contiguous
+    # operands (on CPU, SDPA's flash kernel and matmuls on strided K cost several times more for
+    # a decode's few query rows). Each kv head's group of query heads shares its K/V: no repeat.
+    k = k_cache.index_select(0, tables).view(b, max_len, hkv, d).transpose(1, 2).contiguous().float()
+    v = v_cache.index_select(0, tables).view(b, max_len, hkv, d).transpose(1, 2).contiguous().float()
     valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
-    out = F.scaled_dot_product_attention(q.float().view(b, hkv, h // hkv, d), k, v,
-                                         attn_mask=valid[:, None, None, :], scale=scale)
+    scores = torch.matmul(q.float().view(b, hkv, h // hkv, d) * scale, k.transpose(-1, -2))  # [B, Hkv, G, L]
+    probs = scores.masked_fill_(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs, v)
     return out.reshape(b, h, d).to(q.dtype)
 
 
