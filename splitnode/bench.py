@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt in tokens (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64,
                    help="new tokens per request, EOS ignored (default: %(default)s)")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="draw each request's new-token count from [--min-tokens, --max-tokens] (seeded), as "
+                        "real requests differ; transformers' batched generate then runs every row to the "
+                        "longest and keeps each request's own count (default: all --max-tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt lengths and tokens (default: %(default)s)")
     p.add_argument("--baseline", choices=["batched", "sequential"], default="batched",
                    help="transformers all requests in one left-padded batch, or one at a time "
@@ -92,10 +96,10 @@ def _timed(fn, repeat: int) -> tuple[list[float], list[list[int]]]:
     return times, outs
 
 
-def run_splitnode(llm, prompts: list[list[int]], max_tokens: int, repeat: int) -> Result:
+def run_splitnode(llm, prompts: list[list[int]], max_tokens: list[int], repeat: int) -> Result:
     from splitnode.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
     times, outs = _timed(lambda: [o.token_ids for o in llm.generate(prompts, params)], repeat)
     return Result("splitnode", times, sum(map(len, prompts)), outs)
 
@@ -127,12 +131,13 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int, pad_id: int) 
     return out[:, width:].tolist()
 
 
-def run_transformers(model, prompts: list[list[int]], max_tokens: int, baseline: str, pad_id: int,
+def run_transformers(model, prompts: list[list[int]], max_tokens: list[int], baseline: str, pad_id: int,
                      repeat: int) -> Result:
-    if baseline == "batched":
-        fn = lambda: _hf_generate(model, prompts, max_tokens, pad_id)  # noqa: E731
+    if baseline == "batched":  # one batch runs to the longest request; each keeps its own count
+        fn = lambda: [o[:n] for o, n in zip(_hf_generate(model, prompts, max(max_tokens), pad_id),  # noqa: E731
+                                            max_tokens)]
     else:
-        fn = lambda: [_hf_generate(model, [p], max_tokens, pad_id)[0] for p in prompts]  # noqa: E731
+        fn = lambda: [_hf_generate(model, [p], n, pad_id)[0] for p, n in zip(prompts, max_tokens)]  # noqa: E731
     times, outs = _timed(fn, repeat)
     return Result(f"transformers ({baseline})", times, sum(map(len, prompts)), outs)
 
@@ -171,10 +176,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    lo = args.max_tokens if args.min_tokens is None else args.min_tokens
+    if not 1 <= lo <= args.max_tokens:
+        raise ValueError(f"new tokens need 1 <= --min-tokens <= --max-tokens, got {lo}, {args.max_tokens}")
+    rng = random.Random(args.seed + 1)
+    max_tokens = [rng.randint(lo, args.max_tokens) for _ in prompts]
     log(f"splitnode: {len(prompts)} requests at once, warm-up + {args.repeat} timed runs ...")
-    ours = run_splitnode(llm, prompts, args.max_tokens, args.repeat)
+    ours = run_splitnode(llm, prompts, max_tokens, args.repeat)
     log(f"transformers ({args.baseline}), warm-up + {args.repeat} timed runs ...")
-    ref = run_transformers(hf, prompts, args.max_tokens, args.baseline, pad_id, args.repeat)
+    ref = run_transformers(hf, prompts, max_tokens, args.baseline, pad_id, args.repeat)
 
     same = sum(a == b for a, b in zip(ours.outputs, ref.outputs))
     prefix = sum(common_prefix(a, b) for a, b in zip(ours.outputs, ref.outputs)) / ours.num_generated
@@ -183,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"model {path}, device {args.device}, float32, {torch.get_num_threads()} threads")
     print(f"{len(prompts)} requests, prompts {min(lengths)}..{max(lengths)} tokens "
-          f"({sum(lengths)} in all), {args.max_tokens} new tokens each, greedy")
+          f"({sum(lengths)} in all), {min(max_tokens)}..{max(max_tokens)} new tokens each "
+          f"({sum(max_tokens)} in all), greedy")
     print(f"{'':26} {'best s':>7} {'median s':>9} {'gen tok/s':>10} {'total tok/s':>12}")
     for r in (ours, ref):
         total = (r.num_prompt_tokens + r.num_generated) / r.seconds

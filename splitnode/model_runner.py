@@ -9,6 +9,9 @@ import torch
 
 from splitnode.batcher import Batch
 from splitnode.model.attention import AttentionContext, PrefillChunk
+from splitnode.model.decode_mirror import DecodeMirror
+
+DECODE_MIRROR_BYTES = 256 << 20
 
 
 class ModelRunner:
@@ -20,6 +23,8 @@ class ModelRunner:
         self.device = device
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # CPU only: GPUs read the paged cache with the Triton kernel under CUDA graphs.
+        self.decode_mirror = DecodeMirror(DECODE_MIRROR_BYTES) if device.type == "cpu" else None
         if device.type == "cuda" and not enforce_eager:
             self._capture_graphs(min(max_num_seqs, 256))
 
@@ -52,9 +57,14 @@ class ModelRunner:
                 slots = None if start == 0 else self._to_device(self._slots(seq.block_table, 0, end), torch.int64)
                 prefills.append(PrefillChunk(len(input_ids) - n, n, end, slots))
         block_tables = None
+        mirror = None
         if tables:
             width = max(len(t) for t in tables)
             block_tables = self._to_device([t + [-1] * (width - len(t)) for t in tables], torch.int32)
+            decodes = batch.seqs[: batch.num_decodes]
+            if self.decode_mirror is not None and self.decode_mirror.prepare(
+                    [s.seq_id for s in decodes], [s.num_computed for s in decodes], block_tables, self.kv_caches):
+                mirror = self.decode_mirror
         ctx = AttentionContext(
             kv_caches=self.kv_caches,
             slot_mapping=self._to_device(slot_mapping, torch.int64),
@@ -63,6 +73,7 @@ class ModelRunner:
             context_lens=self._to_device(context_lens, torch.int32) if tables else None,
             prefills=prefills,
             layer_hook=layer_hook,
+            decode_mirror=mirror,
         )
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from splitnode.kernels.paged_attention import paged_decode_attention
 from splitnode.kernels.store_kv import store_kv
+from splitnode.model.decode_mirror import DecodeMirror
 
 
 @dataclass
@@ -39,6 +40,9 @@ class AttentionContext:
     # Called with the layer index once that layer's K/V for this batch is in the cache: the hook the
     # layer-wise KV transfer hangs on.
     layer_hook: Callable[[int], None] | None = None
+    # CPU: the decodes' K/V kept contiguous across steps (see decode_mirror.py), prepared for this
+    # batch; None: the paged kernel reads the cache.
+    decode_mirror: DecodeMirror | None = None
 
 
 def attention(
@@ -54,7 +58,9 @@ def attention(
     num_tokens, num_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, num_heads, head_dim)
     nd = ctx.num_decodes
-    if nd:
+    if nd and ctx.decode_mirror is not None:
+        out[:nd] = ctx.decode_mirror.attend(layer, q[:nd], k[:nd], v[:nd], scale)
+    elif nd:
         out[:nd] = paged_decode_attention(
             q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale
         )
