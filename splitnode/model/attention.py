@@ -56,8 +56,10 @@ def attention(
     if ctx.layer_hook is not None:
         ctx.layer_hook(layer)
     num_tokens, num_heads, head_dim = q.shape
-    out = q.new_empty(num_tokens, num_heads, head_dim)
     nd = ctx.num_decodes
+    if nd == num_tokens and ctx.decode_mirror is not None:  # a decode-only batch: no copy
+        return ctx.decode_mirror.attend(layer, q, k, v, scale).view(num_tokens, num_heads * head_dim)
+    out = q.new_empty(num_tokens, num_heads, head_dim)
     if nd and ctx.decode_mirror is not None:
         out[:nd] = ctx.decode_mirror.attend(layer, q[:nd], k[:nd], v[:nd], scale)
     elif nd:

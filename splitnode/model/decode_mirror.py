@@ -32,6 +32,7 @@ class DecodeMirror:
         capacity = self.k[0].shape[2] if self.k else 0
         if (seq_ids == self.key and self.lens is not None and torch.equal(lens, self.lens)
                 and int(lens.max()) < capacity):
+            self._plan_step()
             return True
         k_cache = kv_caches[0][0]
         block_size, hkv, d = k_cache.shape[1:]
@@ -55,7 +56,14 @@ class DecodeMirror:
             self.v.append(mirrors[1])
         self.key, self.lens = list(seq_ids), lens
         self.num_rebuilds += 1
+        self._plan_step()
         return True
+
+    def _plan_step(self) -> None:
+        """What every layer of this step shares: where the new tokens go, and the mask."""
+        self._rows = torch.arange(len(self.key))
+        self._length = int(self.lens.max()) + 1
+        self._hidden = (torch.arange(self._length)[None, :] > self.lens[:, None])[:, None, None, :]
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -63,14 +71,12 @@ class DecodeMirror:
         b, h, d = q.shape
         km, vm = self.k[layer], self.v[layer]
         hkv = km.shape[1]
-        rows = torch.arange(b)
-        km[rows, :, self.lens] = k_new
-        vm[rows, :, self.lens] = v_new
-        length = int(self.lens.max()) + 1
+        km[self._rows, :, self.lens] = k_new
+        vm[self._rows, :, self.lens] = v_new
+        length = self._length
         qg = q.view(b, hkv, h // hkv, d).to(km.dtype) * scale
         scores = torch.matmul(qg, km[:, :, :length].transpose(-1, -2)).float()  # [B, Hkv, G, L]
-        valid = torch.arange(length)[None, :] <= self.lens[:, None]
-        probs = scores.masked_fill_(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+        probs = scores.masked_fill_(self._hidden, float("-inf")).softmax(dim=-1)
         out = torch.matmul(probs.to(vm.dtype), vm[:, :, :length]).reshape(b, h, d).to(q.dtype)
         if layer == len(self.k) - 1:
             self.lens = self.lens + 1  # every layer has the step's token now
