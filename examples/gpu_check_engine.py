@@ -151,18 +151,27 @@ def main() -> int:
     ok &= intact
     del a, b
 
-    # 4. the runtime on the device
-    async def run_rt():
-        async with Runtime(RuntimeConfig(devices="cuda:0", num_kv_blocks=512, autoscale=False)) as rt:
+    # 4. the runtime on the device: one mixed GPU worker; then split across the GPU and a CPU
+    # worker both ways, so the KV crosses between device and host (prompts on both sides of
+    # layerwise_min_tokens=64)
+    async def run_rt(devices, roles):
+        cfg = RuntimeConfig(devices=devices, roles=roles, num_kv_blocks=512, autoscale=False,
+                            layerwise_min_tokens=64)
+        async with Runtime(cfg) as rt:
             async def one(p):
                 async for ev in rt.generate(p, greedy):
                     pass
                 return ev
-            return await asyncio.gather(*[one(p) for p in prompts])
-    outs = asyncio.run(run_rt())
-    same = sum(o.token_ids == r.token_ids for o, r in zip(outs, ref))
-    print(f"runtime cuda:0 (mixed worker thread): {same}/{len(prompts)} identical greedy sequences vs CPU")
-    ok &= same >= len(prompts) - 1
+            outs = await asyncio.gather(*[one(p) for p in prompts])
+            return outs, rt.status()["transfers"]
+    for devices, roles in [("cuda:0", None), ("cuda:0,cpu:0", {"cuda:0": "prompt", "cpu:0": "token"}),
+                           ("cpu:0,cuda:0", {"cpu:0": "prompt", "cuda:0": "token"})]:
+        outs, moved = asyncio.run(run_rt(devices, roles))
+        same = sum(o.token_ids == r.token_ids for o, r in zip(outs, ref))
+        print(f"runtime {devices} {roles or 'mixed'}: {same}/{len(prompts)} identical greedy sequences vs CPU; "
+              f"{moved['num_sequences']} sequences moved, {moved['bytes_moved'] / 2**20:.1f} MiB, "
+              f"{moved['num_failed']} failed")
+        ok &= same >= len(prompts) - 1 and moved["num_failed"] == 0
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -80,7 +80,7 @@ def parse_devices(spec) -> list[str]:
         if n == 0:
             raise ValueError("devices='cuda' but no CUDA device is visible (use 'cpu:N' on a machine without GPUs)")
         names = [f"cuda:{i}" for i in range(n)]
-    elif spec.startswith("cpu"):
+    elif spec.startswith("cpu") and "," not in spec:  # "cpu:N": N CPU workers
         count = spec.partition(":")[2] or "1"
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"devices={spec!r}: write 'cpu:N' with N >= 1 CPU workers")

@@ -47,8 +47,8 @@ class KVMover:
         src_ids = block_ids(src_blocks, src.device)
         dst_ids = block_ids(dst_blocks, dst.device)
         nbytes = 0
-        cuda = src.device.type == "cuda"
-        if cuda:
+        src_cuda, dst_cuda = src.device.type == "cuda", dst.device.type == "cuda"
+        if src_cuda:
             src.transfer_stream.wait_stream(src.compute_stream)  # the layer's K/V is written
         for layer in layers:
             k_src, v_src = src.kv_caches[layer]
@@ -56,15 +56,17 @@ class KVMover:
             with _on(src):
                 staging = torch.empty((2, len(src_blocks), *k_src.shape[1:]), dtype=k_src.dtype, device=src.device)
                 kv_pack(k_src, v_src, src_ids, staging)
-            with _on(dst):
-                if cuda:
-                    dst.transfer_stream.wait_stream(src.transfer_stream)
-                    staging.record_stream(dst.transfer_stream)
-                if dst.device != src.device:
-                    remote = torch.empty_like(staging, device=dst.device)
-                    remote.copy_(staging, non_blocking=cuda)
-                    staging = remote
-                kv_unpack(staging, k_dst, v_dst, dst_ids)
+                if src_cuda and not dst_cuda:  # to the host: waits for the pack on this stream
+                    staging = staging.to(dst.device)
+                # Both devices' current streams are their transfer streams here, so a peer copy
+                # (which orders itself after both) does not wait for the source's compute.
+                with _on(dst):
+                    if src_cuda and dst_cuda:
+                        dst.transfer_stream.wait_stream(src.transfer_stream)
+                        staging.record_stream(dst.transfer_stream)
+                    if staging.device != dst.device:
+                        staging = staging.to(dst.device, non_blocking=src_cuda and dst_cuda)
+                    kv_unpack(staging, k_dst, v_dst, dst_ids)
             nbytes += staging.numel() * staging.element_size()
         with self._lock:
             self.stats.num_transfers += 1
@@ -77,12 +79,13 @@ class KVMover:
         The source's compute stream also waits for it, so the source blocks are not reused before
         they are read."""
         if dst.device.type != "cuda":
-            return None
-        if dst.device != src.device:
+            return None  # the copy to the host already waited for the source
+        if src.device.type == "cuda" and dst.device != src.device:
             dst.transfer_stream.wait_stream(src.transfer_stream)
         ev = torch.cuda.Event()
         ev.record(dst.transfer_stream)
-        src.compute_stream.wait_event(ev)
+        if src.device.type == "cuda":
+            src.compute_stream.wait_event(ev)
         return ev
 
     def count(self, sequences: int = 0, failed: int = 0, in_flight: int = 0) -> None:
