@@ -1,7 +1,7 @@
 import hashlib
 
 import torch
-from conftest import empty_kv_caches, prefill_context
+from model_helpers import empty_kv_caches, prefill_context
 
 from splitnode.model import Tokenizer, demo_model_path, load_model
 

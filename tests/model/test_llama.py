@@ -1,5 +1,5 @@
 import torch
-from conftest import empty_kv_caches, prefill_context
+from model_helpers import empty_kv_caches, prefill_context
 
 from splitnode.model import AttentionContext, PrefillChunk, load_model
 
