@@ -1,4 +1,4 @@
-import sys, tempfile, time
+import sys, tempfile
 from pathlib import Path
 import torch
 sys.path.insert(0, "tests")

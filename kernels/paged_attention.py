@@ -6,7 +6,6 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 
 try:  # optional: the CPU path needs only torch
     import triton

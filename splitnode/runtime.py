@@ -40,7 +40,7 @@ MODES = ("migrate", "drain")
 class RuntimeConfig(EngineConfig):
     """Engine options (per worker) plus the runtime's: devices, roles, transfer and pool policy."""
 
-    devices: str | list[str] | None = None  # "cuda", "cuda:0,cuda:2", "cpu:3"; default: cuda if present
+    devices: str | list[str] | None = None  # "cuda", "cuda:0,cuda:2", "cpu:3"; default: cuda, else cpu:3
     roles: dict[str, str] | None = None  # {"cuda:0": "prompt", ...}; default split from the count
     layerwise_min_tokens: int = 512  # prompts this long send their KV layer by layer
     transfer_timeout_s: float = 30.0  # past it the token worker recomputes the prefill
@@ -72,7 +72,8 @@ class RuntimeConfig(EngineConfig):
 
 def parse_devices(spec) -> list[str]:
     if spec is None:
-        spec = "cuda" if torch.cuda.is_available() else "cpu:2"
+        # every GPU; without one three CPU workers, so the default split (1 prompt, 2 token) shows
+        spec = "cuda" if torch.cuda.is_available() else "cpu:3"
     if isinstance(spec, (list, tuple)):
         names = [str(s).strip() for s in spec]
     elif spec == "cuda":
@@ -96,6 +97,15 @@ def parse_devices(spec) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"devices {names} name a device twice")
     return names
+
+
+def run_event_loop(coro):
+    """Runs the runtime's event loop: uvloop where it is installed, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def default_roles(devices: list[str]) -> dict[str, str]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -14,13 +13,6 @@ UP_DESCRIPTION = ("Start the phase-split runtime on DEVICES in this process, ser
                   "`splitnode dash`, `splitnode status` and other clients can attach) and open the dashboard. "
                   "q in the dashboard stops everything and removes the socket.")
 DASH_DESCRIPTION = "Open the dashboard on a running server (`splitnode up` or `splitnode serve`) through its socket."
-
-
-def default_devices() -> str:
-    """Every visible GPU; without one, three CPU workers, so the demo shows a prompt/token split."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu:3"
 
 
 def _socket_help() -> str:
@@ -50,12 +42,12 @@ def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from splitnode.api import protocol as p
     from splitnode.api.commands import parse_roles
-    from splitnode.runtime import RuntimeConfig
+    from splitnode.runtime import RuntimeConfig, run_event_loop
 
-    config = RuntimeConfig(devices=args.devices or default_devices(), roles=parse_roles(args.roles),
+    config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles),
                            autoscale=args.autoscale, **engine_kwargs)  # bad values fail here, before loading
     try:
-        return _run(_up(config, args.socket or p.default_socket_path(), args.load))
+        return run_event_loop(_up(config, args.socket or p.default_socket_path(), args.load))
     except (p.SocketInUse, PermissionError, FileExistsError) as e:
         print(f"splitnode up: error: {e}", file=sys.stderr)
         return 2
@@ -63,20 +55,14 @@ def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
 def dash(args: argparse.Namespace) -> int:
     from splitnode.api import protocol as p
+    from splitnode.runtime import run_event_loop
 
     try:
-        return _run(_dash(args.socket or p.default_socket_path()))
+        return run_event_loop(_dash(args.socket or p.default_socket_path()))
     except (OSError, p.RemoteError) as e:  # no server there (ServerNotRunning is a ConnectionError)
         print(f"splitnode dash: error: {getattr(e, 'message', e)}", file=sys.stderr)
         return 2
 
-
-def _run(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 async def _up(config, path: Path, load: bool) -> int:

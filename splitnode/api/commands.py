@@ -26,7 +26,7 @@ def add_socket_arg(parser: argparse.ArgumentParser) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default=None,
                         help="devices to run on: cuda (all GPUs), cuda:0,cuda:2, or cpu:N for N CPU workers "
-                             "(default: cuda if a GPU is visible, else cpu:2)")
+                             "(default: cuda if a GPU is visible, else cpu:3)")
     parser.add_argument("--roles", default=None, metavar="DEV=ROLE,...",
                         help="initial roles, e.g. cpu:0=prompt,cpu:1=token; roles are prompt, token, mixed "
                              "(default: a third of the devices prompt, the rest token; one device mixed)")
@@ -48,23 +48,16 @@ def parse_roles(spec: str | None) -> dict[str, str] | None:
 
 
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
-    from splitnode.runtime import RuntimeConfig
+    from splitnode.runtime import RuntimeConfig, run_event_loop
 
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
                            **engine_kwargs)  # bad values fail here, before the model loads
     try:
-        return _run(_serve(config, args.socket or p.default_socket_path()))
+        return run_event_loop(_serve(config, args.socket or p.default_socket_path()))
     except (p.SocketInUse, PermissionError, FileExistsError) as e:
         print(f"splitnode serve: error: {e}", file=sys.stderr)
         return 2
 
-
-def _run(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 async def _serve(config, path: Path) -> int:
