@@ -12,6 +12,7 @@ import types
 import typing
 
 from splitnode.config import EngineConfig
+from splitnode.runtime import RuntimeConfig
 
 # Help for EngineConfig fields; a field added later without an entry still gets a flag.
 ENGINE_HELP = {
@@ -30,10 +31,21 @@ ENGINE_HELP = {
     "enforce_eager": "CUDA: run decode eagerly instead of under CUDA graphs",
     "max_preemptions": "times a request may be preempted before it is no longer picked as the victim",
     "decode_max_skips": "mixed batches: a decode left out this many batches goes before prompts",
-    "seed": "engine random seed",
+    "seed": "seed of the sampling of requests that give none of their own",
+    # RuntimeConfig (serve, up)
+    "layerwise_min_tokens": "prompts at least this long send their KV to the token worker layer by layer",
+    "transfer_timeout_s": "a KV transfer not complete after this many seconds is recomputed on the token worker",
+    "reservation_lease_s": "blocks reserved on a token worker return unless the prompt worker renews them in time",
+    "borrow_prompt_tokens": "queued prompt tokens past which a token worker is borrowed into the mixed pool",
+    "borrow_kv_occupancy": "token-side KV occupancy past which a prompt worker is borrowed into the mixed pool",
+    "repurpose_after_s": "a worker borrowed this long moves to the other pool for good",
+    "autoscale_interval_s": "how often the pool policy looks at the queues",
 }
 # Fields the sampling flags already cover under the same name.
 SHARED_WITH_SAMPLING = {"seed"}
+# RuntimeConfig fields that serve/up take through their own flags: the workers' devices come from
+# --devices (not the engine's --device), roles from --roles, autoscale from --autoscale.
+RUNTIME_OWN_FLAGS = frozenset({"device", "devices", "roles", "autoscale"})
 
 
 def _flag(name: str) -> str:
@@ -48,14 +60,15 @@ def _base_type(annotation) -> type:
     return annotation
 
 
-def add_engine_args(parser: argparse.ArgumentParser, skip=SHARED_WITH_SAMPLING) -> None:
-    group = parser.add_argument_group("engine (EngineConfig)")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
+def add_engine_args(parser: argparse.ArgumentParser, skip=SHARED_WITH_SAMPLING, config_cls=EngineConfig) -> None:
+    """A flag per field of `config_cls` (EngineConfig, or RuntimeConfig for the runtime's commands)."""
+    group = parser.add_argument_group(f"engine ({config_cls.__name__})")
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         if f.name in skip:
             continue
         kind = _base_type(hints[f.name])
-        help_ = ENGINE_HELP.get(f.name, f"EngineConfig.{f.name}")
+        help_ = ENGINE_HELP.get(f.name, f"{config_cls.__name__}.{f.name}")
         if "(default" not in help_:
             help_ += " (default: %(default)s)"
         if kind is bool:
@@ -69,8 +82,9 @@ def add_engine_args(parser: argparse.ArgumentParser, skip=SHARED_WITH_SAMPLING) 
                                help=help_)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+def engine_kwargs(args: argparse.Namespace, config_cls=EngineConfig, skip=frozenset()) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+            if hasattr(args, f.name) and f.name not in skip}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -229,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the phase-split runtime behind a Unix socket (no dashboard)",
                          description=api.SERVE_DESCRIPTION)
     api.add_serve_arguments(srv)
-    add_engine_args(srv, skip={"device"})  # the runtime's workers take their devices from --devices
-    srv.set_defaults(func=lambda args: api.serve(args, engine_kwargs(args)))
+    add_engine_args(srv, skip=RUNTIME_OWN_FLAGS, config_cls=RuntimeConfig)
+    srv.set_defaults(func=lambda args: api.serve(args, engine_kwargs(args, RuntimeConfig, RUNTIME_OWN_FLAGS)))
     st = sub.add_parser("status", help="devices, roles, KV use, queues and transfers of a running server",
                         description="Print a running server's devices (role, KV blocks, queues), requests "
                                     "and KV transfers, read from its socket.")
@@ -251,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the runtime in this process with its socket and the dashboard",
                         description=tui.UP_DESCRIPTION)
     tui.add_up_arguments(up)
-    add_engine_args(up, skip={"device"})  # the runtime's workers take their devices from --devices
-    up.set_defaults(func=lambda args: tui.up(args, engine_kwargs(args)))
+    add_engine_args(up, skip=RUNTIME_OWN_FLAGS, config_cls=RuntimeConfig)
+    up.set_defaults(func=lambda args: tui.up(args, engine_kwargs(args, RuntimeConfig, RUNTIME_OWN_FLAGS)))
     dash = sub.add_parser("dash", help="open the dashboard on a running server", description=tui.DASH_DESCRIPTION)
     tui.add_dash_arguments(dash)
     dash.set_defaults(func=tui.dash)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import itertools
 import threading
 from collections import deque
@@ -40,6 +41,7 @@ class LLM:
         self.tokenizer = Tokenizer(path)
         self.engine = Engine(self.config, "mixed", model_path=path)
         self._ids = itertools.count()
+        self._seeds = random.Random(self.config.seed)  # seeds of unseeded requests: runs repeat
         self._lock = threading.Lock()  # the engine is stepped by one thread at a time
         self._inbox: deque = deque()  # adds and aborts from the event loop, applied between steps
         self._queues: dict[int, asyncio.Queue] = {}
@@ -53,7 +55,8 @@ class LLM:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         self.engine.check_request(len(ids), params)
         rid = next(self._ids)
-        seq = Sequence(rid, ids, params, frozenset(self.tokenizer.eos_token_ids))
+        seq = Sequence(rid, ids, params, frozenset(self.tokenizer.eos_token_ids),
+                       default_seed=self._seeds.getrandbits(63))
         return RequestState(rid, prompt if isinstance(prompt, str) else None, seq, self.tokenizer)
 
     def _step(self) -> list[RequestOutput]:

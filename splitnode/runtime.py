@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import statistics
 import time
 from collections import deque
@@ -144,6 +145,7 @@ class Runtime:
         self.workers: list[Worker] = []
         self.pins: set[str] = set()
         self._ids = itertools.count()
+        self._seeds = random.Random(self.config.seed)  # seeds of unseeded requests: runs repeat
         self._streams: dict[int, _Stream] = {}
         self._role_waiters: dict[str, list[asyncio.Future]] = {}
         self._finished_metrics: deque[dict[str, float]] = deque(maxlen=4096)
@@ -220,7 +222,8 @@ class Runtime:
         if total > self.max_model_len:
             raise ValueError(f"prompt + max_tokens = {total} exceeds the maximum model length {self.max_model_len}")
         rid = next(self._ids)
-        seq = Sequence(rid, ids, params, frozenset(self.tokenizer.eos_token_ids))
+        seq = Sequence(rid, ids, params, frozenset(self.tokenizer.eos_token_ids),
+                       default_seed=self._seeds.getrandbits(63))
         return RequestState(rid, prompt if isinstance(prompt, str) else None, seq, self.tokenizer)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:

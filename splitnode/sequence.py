@@ -22,7 +22,7 @@ class Sequence:
     for a decode)."""
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int] = frozenset()):
+                 eos_token_ids: frozenset[int] = frozenset(), default_seed: int | None = None):
         self.seq_id = seq_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
@@ -35,7 +35,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
             self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            # an unseeded request draws from the engine's seeded stream (EngineConfig.seed)
+            seed = params.seed if params.seed is not None else default_seed
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)

@@ -127,3 +127,12 @@ def test_finish_reasons_and_stops(llm):
     assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
     assert stop not in out.text and base.token_ids[:len(out.token_ids)] == out.token_ids
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+def test_engine_seed_makes_unseeded_sampling_repeat(make_llm):
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    runs = [make_llm(seed=s).generate([[5, 6, 7]] * 2, params) for s in (3, 3, 4)]
+    first, again, other = ([o.token_ids for o in outs] for outs in runs)
+    assert first == again
+    assert first[0] != first[1]  # two requests of one run draw differently
+    assert first != other
