@@ -84,6 +84,9 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """Runs the prompts to completion, batched; outputs in the prompts' order."""
+        if self._stream_states:
+            raise RuntimeError("LLM.generate() while stream() requests are open on this LLM would take their "
+                               "events: use stream() for both, or another LLM")
         prompts = normalize_prompts(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -101,7 +104,12 @@ class LLM:
         return [final[st.request_id] for st in states]
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        return self.generate(self.tokenizer.apply_chat_template(messages), params)[0]
+        """One reply to chat messages, rendered with the model's chat template. The template writes
+        its own special tokens (BOS), so the text is encoded without adding them again."""
+        text = self.tokenizer.apply_chat_template(messages)
+        out = self.generate([self.tokenizer.encode(text, add_special_tokens=False)], params)[0]
+        out.prompt = text
+        return out
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """One event per generated token; the last has `finished=True`. Leaving the loop early

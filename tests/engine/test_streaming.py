@@ -134,3 +134,13 @@ def test_abort_frees_blocks_in_every_state(make_llm):
         engine.abort(s)  # aborting twice, or a finished sequence, frees nothing twice
     assert not engine.has_work()
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_chat_encodes_the_template_without_a_second_bos():
+    from splitnode import LLM, SamplingParams
+
+    llm = LLM(num_kv_blocks=64)
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2, temperature=0.0))
+    bos = llm.tokenizer.token_to_id("<s>")
+    assert out.prompt_token_ids[0] == bos and out.prompt_token_ids[1] != bos
+    assert out.prompt_token_ids == llm.tokenizer.encode(out.prompt, add_special_tokens=False)
