@@ -55,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for both (default: %(default)s)")
     p.add_argument("--num-requests", type=int, default=32, help="concurrent requests (default: %(default)s)")
     p.add_argument("--min-prompt-len", type=int, default=16, help="shortest prompt in tokens (default: %(default)s)")
-    p.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt in tokens (default: %(default)s)")
+    p.add_argument("--max-prompt-len", type=int, default=1024,
+                   help="longest prompt in tokens; prompt lengths are drawn uniformly, as mixed as real traffic, "
+                        "whose median prompt is ~1000 tokens in the Azure LLM traces (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64,
                    help="new tokens per request, EOS ignored (default: %(default)s)")
     p.add_argument("--min-tokens", type=int, default=None,
