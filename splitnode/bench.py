@@ -86,24 +86,27 @@ def make_prompts(tokenizer, vocab_size: int, num: int, lo: int, hi: int, seed: i
     return [[rng.choice(allowed) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
 
 
-def _timed(fn, repeat: int) -> tuple[list[float], list[list[int]]]:
-    """Runs fn once to warm up (allocator, kernels, caches at the real shapes), then `repeat` timed
-    times; returns the times and the last outputs."""
-    fn()
-    times = []
+def timed_alternately(fns: dict, repeat: int) -> dict[str, tuple[list[float], list[list[int]]]]:
+    """Runs each fn once to warm up (allocator, kernels, caches at the real shapes), then `repeat`
+    rounds that time each fn once in turn, so a slow spell of the machine (a shared host's load
+    drifts over seconds) weighs on both sides alike. Returns each fn's times and last outputs."""
+    for fn in fns.values():
+        fn()
+    results = {name: ([], None) for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        outs = fn()
-        times.append(time.perf_counter() - t0)
-    return times, outs
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs = fn()
+            results[name][0].append(time.perf_counter() - t0)
+            results[name] = (results[name][0], outs)
+    return results
 
 
-def run_splitnode(llm, prompts: list[list[int]], max_tokens: list[int], repeat: int) -> Result:
+def splitnode_fn(llm, max_tokens: list[int], prompts: list[list[int]]):
     from splitnode.sampling import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
-    times, outs = _timed(lambda: [o.token_ids for o in llm.generate(prompts, params)], repeat)
-    return Result("splitnode", times, sum(map(len, prompts)), outs)
+    return lambda: [o.token_ids for o in llm.generate(prompts, params)]
 
 
 def load_transformers(path, device: str):
@@ -133,15 +136,10 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int, pad_id: int) 
     return out[:, width:].tolist()
 
 
-def run_transformers(model, prompts: list[list[int]], max_tokens: list[int], baseline: str, pad_id: int,
-                     repeat: int) -> Result:
+def transformers_fn(model, prompts: list[list[int]], max_tokens: list[int], baseline: str, pad_id: int):
     if baseline == "batched":  # one batch runs to the longest request; each keeps its own count
-        fn = lambda: [o[:n] for o, n in zip(_hf_generate(model, prompts, max(max_tokens), pad_id),  # noqa: E731
-                                            max_tokens)]
-    else:
-        fn = lambda: [_hf_generate(model, [p], n, pad_id)[0] for p, n in zip(prompts, max_tokens)]  # noqa: E731
-    times, outs = _timed(fn, repeat)
-    return Result(f"transformers ({baseline})", times, sum(map(len, prompts)), outs)
+        return lambda: [o[:n] for o, n in zip(_hf_generate(model, prompts, max(max_tokens), pad_id), max_tokens)]
+    return lambda: [_hf_generate(model, [p], n, pad_id)[0] for p, n in zip(prompts, max_tokens)]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -183,10 +181,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"new tokens need 1 <= --min-tokens <= --max-tokens, got {lo}, {args.max_tokens}")
     rng = random.Random(args.seed + 1)
     max_tokens = [rng.randint(lo, args.max_tokens) for _ in prompts]
-    log(f"splitnode: {len(prompts)} requests at once, warm-up + {args.repeat} timed runs ...")
-    ours = run_splitnode(llm, prompts, max_tokens, args.repeat)
-    log(f"transformers ({args.baseline}), warm-up + {args.repeat} timed runs ...")
-    ref = run_transformers(hf, prompts, max_tokens, args.baseline, pad_id, args.repeat)
+    log(f"{len(prompts)} requests: splitnode (all at once) and transformers ({args.baseline}), "
+        f"a warm-up each, then {args.repeat} rounds timing each once in turn ...")
+    ref_name = f"transformers ({args.baseline})"
+    runs = timed_alternately({"splitnode": splitnode_fn(llm, max_tokens, prompts),
+                              ref_name: transformers_fn(hf, prompts, max_tokens, args.baseline, pad_id)},
+                             args.repeat)
+    num_prompt = sum(map(len, prompts))
+    ours, ref = (Result(name, runs[name][0], num_prompt, runs[name][1]) for name in ("splitnode", ref_name))
 
     same = sum(a == b for a, b in zip(ours.outputs, ref.outputs))
     prefix = sum(common_prefix(a, b) for a, b in zip(ours.outputs, ref.outputs)) / ours.num_generated
