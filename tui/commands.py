@@ -15,28 +15,18 @@ UP_DESCRIPTION = ("Start the phase-split runtime on DEVICES in this process, ser
 DASH_DESCRIPTION = "Open the dashboard on a running server (`splitnode up` or `splitnode serve`) through its socket."
 
 
-def _socket_help() -> str:
-    from splitnode.api.protocol import default_socket_path
-
-    return f"the server's Unix socket (default: {default_socket_path()})"
-
-
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", default=None,
-                        help="devices to run on: cuda (all GPUs), cuda:0,cuda:2, or cpu:N for N CPU workers "
-                             "(default: cuda if a GPU is visible, else cpu:3)")
-    parser.add_argument("--roles", default=None, metavar="DEV=ROLE,...",
-                        help="initial roles, e.g. cpu:0=prompt,cpu:1=token; roles are prompt, token, mixed "
-                             "(default: a third of the devices prompt, the rest token; one device mixed)")
-    parser.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
-                        help="let the policy borrow and re-purpose devices that no one pinned (default: %(default)s)")
-    parser.add_argument("--socket", type=Path, default=None, metavar="PATH", help=_socket_help())
+    from splitnode.api.commands import add_serve_arguments
+
+    add_serve_arguments(parser)  # the runtime and its socket, as `serve` takes them
     parser.add_argument("--load", action="store_true",
                         help="start the dashboard's load generator at once (default: off; l toggles it)")
 
 
 def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", type=Path, default=None, metavar="PATH", help=_socket_help())
+    from splitnode.api.commands import add_socket_arg
+
+    add_socket_arg(parser)
 
 
 def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
