@@ -50,7 +50,8 @@ class Sequence:
         # and the blocks reserved for it there.
         self.dest = None
         self.dest_blocks: list[int] | None = None
-        self.layers_sent = False  # every layer already went to dest during the prefill
+        # Tokens whose KV (every layer) the layer-wise transfer already put in dest_blocks.
+        self.kv_sent = 0
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
@@ -93,5 +94,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Forget the cache: the next chunk recomputes every token (prompt and outputs so far)."""
         self.num_computed = 0
+        self.kv_sent = 0
         self.block_table = []
         self.status = SeqStatus.WAITING

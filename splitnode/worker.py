@@ -106,8 +106,8 @@ class Worker:
             self.wake.wait(0.005 if (self.arrivals or self._waiting_handoffs()) else 0.5)
             self.wake.clear()
             return
-        for seq in eng.batcher.running:
-            if seq.dest is not None:
+        for seq in [*eng.batcher.running, *eng.batcher.waiting]:
+            if seq.dest is not None and seq.dest_blocks is None:
                 seq.dest.engine.pool.renew(seq.seq_id, self.rt.config.reservation_lease_s)
         t0 = time.perf_counter()
         batch, seqs = eng.step(self._layer_hook)
@@ -146,8 +146,11 @@ class Worker:
 
     def _drop(self, seq: Sequence) -> None:
         if seq.dest is not None:
-            seq.dest.engine.pool.cancel(seq.seq_id)
-            seq.dest = None
+            if seq.dest_blocks is not None:  # claimed by the layer-wise transfer
+                seq.dest.engine.pool.free(seq.dest_blocks)
+            else:
+                seq.dest.engine.pool.cancel(seq.seq_id)
+            seq.dest, seq.dest_blocks = None, None
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = "abort"
         self._emit([seq], "abort")
@@ -188,15 +191,18 @@ class Worker:
 
     def _hand_off(self) -> None:
         for seq in [s for s in self.engine.batcher.running if self._handoff_due(s)]:
-            dest, blocks = seq.dest, None
+            dest, blocks, sent = seq.dest, None, False
             if dest is not None:
-                blocks = dest.engine.pool.claim(seq.seq_id)
-                blocks = self._fit(dest, blocks, seq)
+                claimed, seq.dest_blocks = seq.dest_blocks, None
+                # the layer-wise sends already wrote every computed token there
+                sent = claimed is not None and seq.kv_sent == seq.num_computed
+                blocks = self._fit(dest, claimed if claimed is not None else dest.engine.pool.claim(seq.seq_id), seq)
             if blocks is None:  # no reservation (or its lease ran out): find room now
                 dest, blocks = self.rt.router.pick_dest(seq, exclude=self)
+                sent = False
             if dest is None:
                 continue  # no token worker has room: keep the KV here and try again next turn
-            self._move(seq, dest, blocks, layers_done=seq.layers_sent)
+            self._move(seq, dest, blocks, layers_done=sent)
 
     def _fit(self, dest: "Worker", blocks: list[int] | None, seq: Sequence) -> list[int] | None:
         """Reserved blocks cover the prompt; grow them to the sequence as it is now."""
@@ -228,7 +234,7 @@ class Worker:
         seq.block_table = blocks
         seq.dest = None
         seq.dest_blocks = None
-        seq.layers_sent = False
+        seq.kv_sent = 0
         self.rt.mover.count(sequences=1, in_flight=1)
         dest.post("arrive", seq, event, failed)
 
@@ -242,27 +248,35 @@ class Worker:
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             if seq.dest is None or seq.is_decode or seq.num_prompt_tokens < cfg.layerwise_min_tokens:
                 continue
-            blocks = seq.dest.engine.pool.reserved_blocks(seq.seq_id)
-            if blocks is None or len(blocks) < len(seq.block_table):
-                continue
+            if seq.dest_blocks is None:
+                # Claimed at the first send: the blocks are the sequence's from now on, so no
+                # lease can run out (and hand them to another request) while KV is written there.
+                seq.dest_blocks = seq.dest.engine.pool.claim(seq.seq_id)
+            blocks = seq.dest_blocks
+            if blocks is None or len(blocks) < len(seq.block_table) or seq.kv_sent != seq.num_computed:
+                continue  # the hand-off sends it all (an earlier chunk did not go layer by layer)
             lo = seq.num_computed // eng.pool.block_size
             hi = eng.pool.blocks_for(seq.num_computed + n)
             dst = seq.dest.engine
             jobs.append((seq, block_ids(seq.block_table[lo:hi], eng.device), block_ids(blocks[lo:hi], dst.device),
-                         seq.num_computed + n == seq.num_tokens))
+                         seq.num_computed + n))
         if not jobs:
             return None
 
+        failed: set[int] = set()
+
         def hook(layer: int) -> None:
-            for seq, src, dst, last in jobs:
+            for seq, src, dst, upto in jobs:
+                if seq.seq_id in failed:
+                    continue
                 try:
                     mover.send(eng, seq.dest.engine, src, dst, range(layer, layer + 1))
-                except Exception:
+                except Exception:  # the hand-off sends every layer again (or the token worker recomputes)
                     log.exception("layer-wise KV transfer of request %d failed", seq.seq_id)
-                    seq.layers_sent = False
-                    return
-                if last and layer == eng.model_config.num_hidden_layers - 1:
-                    seq.layers_sent = True
+                    failed.add(seq.seq_id)
+                    continue
+                if layer == eng.model_config.num_hidden_layers - 1:
+                    seq.kv_sent = upto
 
         return hook
 

@@ -213,3 +213,30 @@ async def test_timed_out_transfer_is_recomputed_on_the_token_worker(reference, m
         assert events[-1].token_ids == r.token_ids
     assert st["transfers"]["num_failed"] == 3 and st["transfers"]["in_flight"] == 0
     assert all(d["kv_blocks_used"] == 0 for d in st["devices"])
+
+
+async def test_a_layer_send_that_fails_mid_prefill_is_sent_again_whole(monkeypatch):
+    """One layer of the first chunk fails to send: no later chunk may count as sent layer by layer
+    (that would leave the hole), so the hand-off sends every layer and the output is unchanged."""
+    (prompt,) = prompts([150], seed=3)
+    ref = LLM(num_kv_blocks=BLOCKS, max_num_batched_tokens=32).generate([prompt], GREEDY)[0]
+    cfg = RuntimeConfig(devices="cpu:2", num_kv_blocks=BLOCKS, layerwise_min_tokens=64,
+                        max_num_batched_tokens=32, autoscale=False)
+    async with Runtime(cfg) as rt:
+        send, calls = rt.mover.send, []
+
+        def flaky(src, dst, src_blocks, dst_blocks, layers):
+            calls.append(layers)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure of one layer's copy (test double)")
+            return send(src, dst, src_blocks, dst_blocks, layers)
+
+        monkeypatch.setattr(rt.mover, "send", flaky)
+        events = await collect(rt, prompt)
+        st = rt.status()
+    assert events[-1].token_ids == ref.token_ids
+    same_logprobs(events[-1].logprobs, ref.logprobs, 1e-5)
+    # first chunk: layers 0, 1, then 2 fails (3 is not tried); no later chunk goes layer by layer;
+    # the hand-off then moves all 4 layers in one call
+    assert [len(r) for r in calls] == [1, 1, 1, 4]
+    assert all(d["kv_blocks_used"] == 0 for d in st["devices"])
