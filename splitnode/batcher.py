@@ -74,8 +74,10 @@ class Batcher:
 
     @property
     def num_pending_prompt_tokens(self) -> int:
-        return sum(s.num_pending for s in self.waiting) + sum(
-            s.num_pending for s in self.running if not s.is_decode)
+        # Read from the event loop too (routing, policy, status) while the worker changes both
+        # queues: iterate snapshots (list() of a deque or list is one step under the GIL).
+        return sum(s.num_pending for s in list(self.waiting)) + sum(
+            s.num_pending for s in list(self.running) if not s.is_decode)
 
     def has_work(self) -> bool:
         prefill, decode = PHASES[self.role]

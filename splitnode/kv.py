@@ -36,7 +36,8 @@ class BlockPool:
 
     @property
     def num_reserved(self) -> int:
-        return sum(len(r.blocks) for r in self._reservations.values())
+        with self.lock:
+            return sum(len(r.blocks) for r in self._reservations.values())
 
     @property
     def num_used(self) -> int:

@@ -38,6 +38,8 @@ class Autoscaler:
                 await self.tick()
             except ValueError as e:  # a move the phase check refused: try again next tick
                 log.debug("autoscaler: %s", e)
+            except Exception:  # the policy must outlive a bad tick; the runtime serves on
+                log.exception("autoscaler tick failed")
 
     def _free(self, role: str) -> list["Worker"]:
         return [w for w in self.rt.workers if w.role == role and w.target_role is None

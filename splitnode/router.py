@@ -23,8 +23,11 @@ class Router:
         decode, its token worker T (most free KV blocks), reserving T's blocks for the prompt.
         Returns P; T and the reservation ride on the sequence. With no room on any T the
         choice of T waits for the hand-off, and the KV stays on P until then."""
-        prompt_side = [w for w in self.workers if w.accepts_prefill] or [
-            w for w in self.workers if (w.target_role or w.role) in ("prompt", "mixed")]
+        healthy = [w for w in self.workers if w.error is None]
+        prompt_side = [w for w in healthy if w.accepts_prefill] or [
+            w for w in healthy if (w.target_role or w.role) in ("prompt", "mixed")]
+        if not prompt_side:
+            raise RuntimeError("no working device can run the prompt phase (a worker failed; see status())")
         p = min(prompt_side, key=lambda w: (w.pending_prompt_tokens, w.engine.batcher.num_pending_prompt_tokens,
                                              w.index))
         p.routed_prompt_tokens += seq.num_tokens

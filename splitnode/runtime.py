@@ -230,9 +230,9 @@ class Runtime:
         """One event per token (its `request_id` names the request for `cancel`); the last has
         `finished=True`. Leaving the loop early cancels the request."""
         st = self._new_request(prompt, params or SamplingParams())
+        worker = self.router.route(st.seq)  # may refuse: nothing is registered yet
         stream = _Stream(st)
         self._streams[st.request_id] = stream
-        worker = self.router.route(st.seq)
         worker.post("add", st.seq)
         try:
             while True:
@@ -278,10 +278,16 @@ class Runtime:
             stream.queue.put_nowait(ev)
 
     def _on_worker_error(self, worker: Worker, error: BaseException) -> None:
-        for s in self._streams.values():
-            if not s.done:
-                s.done = True
-                s.queue.put_nowait(RuntimeError(f"worker {worker.name} failed: {error!r}"))
+        """Fails the requests the dead worker held (its thread is gone: reading its queues is
+        safe); the router no longer picks it, and requests bound for it elsewhere go to another
+        token worker at their hand-off."""
+        held = [*worker.engine.batcher.running, *worker.engine.batcher.waiting, *(a[0] for a in worker.arrivals),
+                *(op[1] for op in list(worker.inbox) if op[0] in ("add", "arrive"))]
+        for seq in held:
+            stream = self._streams.get(seq.seq_id)
+            if stream is not None and not stream.done:
+                stream.done = True
+                stream.queue.put_nowait(RuntimeError(f"worker {worker.name} failed: {error!r}"))
 
     # -- roles ---------------------------------------------------------------------------------------
 
@@ -306,9 +312,11 @@ class Runtime:
         if (w.target_role or w.role) == role and w.target_role is None:
             return
         fut = self.loop.create_future()
-        self._role_waiters.setdefault(device, []).append(fut)
-        w.mode = mode
-        w.target_role = role
+        with w.role_lock:  # the worker compares and clears under the same lock
+            w.role_gen += 1
+            self._role_waiters.setdefault(device, []).append((w.role_gen, fut))
+            w.mode = mode
+            w.target_role = role
         w.wake.set()
         await fut
 
@@ -317,10 +325,17 @@ class Runtime:
         self.worker(device)
         self.pins.discard(device)
 
-    def _on_role_changed(self, w: Worker) -> None:
-        for fut in self._role_waiters.pop(w.name, []):
-            if not fut.done():
-                fut.set_result(w.role)
+    def _on_role_changed(self, w: Worker, gen: int, role: str) -> None:
+        """The worker reached the role asked by change `gen`: that change and the ones it
+        superseded are done; a later one still waits."""
+        waiting = []
+        for g, fut in self._role_waiters.pop(w.name, []):
+            if g > gen:
+                waiting.append((g, fut))
+            elif not fut.done():
+                fut.set_result(role)
+        if waiting:
+            self._role_waiters[w.name] = waiting
 
     # -- what a person sees ---------------------------------------------------------------------------
 

@@ -36,6 +36,10 @@ class Worker:
         self.role = role
         self.target_role: str | None = None  # set while a role change is under way
         self.mode = "drain"
+        # target_role/mode are written by the loop and cleared here: a generation number tells a
+        # change that is done from one asked for meanwhile.
+        self.role_lock = threading.Lock()
+        self.role_gen = 0
         self.engine: Engine | None = None
         self.inbox: deque = deque()
         self.wake = threading.Event()
@@ -110,7 +114,14 @@ class Worker:
             if seq.dest is not None and seq.dest_blocks is None:
                 seq.dest.engine.pool.renew(seq.seq_id, self.rt.config.reservation_lease_s)
         t0 = time.perf_counter()
+        if eng.compute_stream is not None:
+            # blocks freed since the last batch (a cancel, a preemption) may still be read or
+            # written by a transfer on this device's transfer stream: finish that first
+            eng.compute_stream.wait_stream(eng.transfer_stream)
         batch, seqs = eng.step(self._layer_hook)
+        for seq in seqs:
+            if seq.is_finished:  # e.g. at its first token, before any hand-off
+                self._release_dest(seq)
         if not batch:
             self.wake.wait(0.005)
             self.wake.clear()
@@ -135,22 +146,30 @@ class Worker:
             b.remove(seq)
         keep = []
         for item in self.arrivals:
-            seq = item[0]
-            if seq.cancelled:
+            seq, event = item[0], item[1]
+            if seq.cancelled and (event is None or event.query()):  # never free under a running copy
                 self.engine.pool.free(seq.block_table)
                 seq.block_table = []
+                self.rt.mover.count(in_flight=-1)
                 self._drop(seq)
             else:
                 keep.append(item)
         self.arrivals = keep
 
-    def _drop(self, seq: Sequence) -> None:
+    @staticmethod
+    def _release_dest(seq: Sequence) -> None:
+        """Gives back what the sequence holds on its token worker: the reservation, or the
+        blocks the layer-wise transfer claimed. Every way out of this worker but the hand-off
+        (finished here, cancelled, its token worker gone) goes through here."""
         if seq.dest is not None:
-            if seq.dest_blocks is not None:  # claimed by the layer-wise transfer
+            if seq.dest_blocks is not None:
                 seq.dest.engine.pool.free(seq.dest_blocks)
             else:
                 seq.dest.engine.pool.cancel(seq.seq_id)
-            seq.dest, seq.dest_blocks = None, None
+            seq.dest, seq.dest_blocks, seq.kv_sent = None, None, 0
+
+    def _drop(self, seq: Sequence) -> None:
+        self._release_dest(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = "abort"
         self._emit([seq], "abort")
@@ -160,6 +179,9 @@ class Worker:
         that failed or timed out is recomputed here."""
         keep = []
         for seq, event, failed, since in self.arrivals:
+            if seq.cancelled:  # its copy is still running: freed by the sweep once it is done
+                keep.append((seq, event, failed, since))
+                continue
             timed_out = time.monotonic() - since > self.rt.config.transfer_timeout_s
             if event is not None and not failed and not timed_out and not event.query():
                 keep.append((seq, event, failed, since))
@@ -191,6 +213,8 @@ class Worker:
 
     def _hand_off(self) -> None:
         for seq in [s for s in self.engine.batcher.running if self._handoff_due(s)]:
+            if seq.dest is not None and seq.dest.error is not None:
+                self._release_dest(seq)  # its token worker died: find another
             dest, blocks, sent = seq.dest, None, False
             if dest is not None:
                 claimed, seq.dest_blocks = seq.dest_blocks, None
@@ -285,11 +309,16 @@ class Worker:
     def _change_role(self) -> None:
         """Flips the role once the work of the old kind is gone. Decodes are migrated to another
         token-capable worker ("migrate") or finished here ("drain"); prefills always finish here."""
-        new = self.target_role
+        with self.role_lock:
+            new, gen = self.target_role, self.role_gen
         b = self.engine.batcher
+        if new is None:
+            return
         if new == "prompt" and any(s.is_decode for s in b.running):
             return  # drained here or handed off by `_hand_off`, turn by turn
-        b.role = self.role = new
-        self.target_role = None
+        with self.role_lock:
+            b.role = self.role = new
+            if self.role_gen == gen:  # else a newer change was asked meanwhile: the next turn takes it
+                self.target_role = None
         self.role_since = time.monotonic()
-        self.rt._post(self.rt._on_role_changed, self)
+        self.rt._post(self.rt._on_role_changed, self, gen, new)
