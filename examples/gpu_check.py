@@ -137,7 +137,7 @@ def bench_attention(dev: str, gen: torch.Generator, copy_gbs: float) -> None:
         lens = random_lens(batch, low, high, gen)
         k, v, tables, lens_t = make_pool(lens, dtype, dev)
         q = torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype)
-        ms = bench_ms(lambda: paged_decode_attention_triton(q, k, v, tables, lens_t, HEAD_DIM**-0.5))
+        ms = bench_ms(lambda k=k, v=v: paged_decode_attention_triton(q, k, v, tables, lens_t, HEAD_DIM**-0.5))
         kv_bytes = 2 * sum(lens) * KV_HEADS * HEAD_DIM * k.element_size()
         gbs = kv_bytes / ms / 1e6
         print(f"  B={batch:<4} ctx {low}..{high:<5} {ms * 1e3:8.1f} us  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.2f}x copy")
