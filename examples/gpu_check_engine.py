@@ -5,7 +5,8 @@ mismatch). Needs an install of splitnode (`pip install --no-deps --no-build-isol
 2. Decode of a ~1B-parameter random Llama in bf16 against the memory roofline: bytes each decode
    step must read (weights + KV) over the measured device copy rate.
 3. KVMover between two engines on the device: blocks arrive intact; rate against the copy rate.
-4. The runtime on the device (one mixed worker on its thread and streams) gives the same tokens.
+4. The runtime on the device gives the same tokens: one mixed worker; two workers on the GPU
+   (prompt and token, KV moved between their pools on the card); split across GPU and CPU workers.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def main() -> int:
                 return ev
             outs = await asyncio.gather(*[one(p) for p in prompts])
             return outs, rt.status()["transfers"]
-    for devices, roles in [("cuda:0", None), ("cuda:0,cpu:0", {"cuda:0": "prompt", "cpu:0": "token"}),
+    for devices, roles in [("cuda:0", None), ("cuda:0,cuda:0", {"cuda:0": "prompt", "cuda:0/1": "token"}),
+                           ("cuda:0,cpu:0", {"cuda:0": "prompt", "cpu:0": "token"}),
                            ("cpu:0,cuda:0", {"cpu:0": "prompt", "cuda:0": "token"})]:
         outs, moved = asyncio.run(run_rt(devices, roles))
         same = sum(o.token_ids == r.token_ids for o, r in zip(outs, ref))

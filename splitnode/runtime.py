@@ -95,9 +95,21 @@ def parse_devices(spec) -> list[str]:
             raise ValueError(f"device {n!r} is not 'cuda:N' or 'cpu:N'")
         if kind == "cuda" and int(idx) >= torch.cuda.device_count():
             raise ValueError(f"device {n!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    if len(set(names)) != len(names):
-        raise ValueError(f"devices {names} name a device twice")
-    return names
+    # A device named again gets another worker on it, named "cuda:0/1", "cuda:0/2", ...: two roles
+    # on one GPU (each its own replica and a share of the memory; moves between them skip the copy).
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        unique.append(n if k == 0 else f"{n}/{k}")
+    return unique
+
+
+def torch_device(worker_name: str) -> str:
+    """The torch device a worker runs on: "cuda:0/1" -> "cuda:0"; every CPU worker -> "cpu"."""
+    base = worker_name.partition("/")[0]
+    return "cpu" if base.startswith("cpu") else base
 
 
 def run_event_loop(coro):
@@ -168,10 +180,10 @@ class Runtime:
         self.tokenizer = Tokenizer(path)
         per_device: dict[str, int] = {}
         for name in cfg.devices:
-            dev = "cpu" if name.startswith("cpu") else name
+            dev = torch_device(name)
             per_device[dev] = per_device.get(dev, 0) + 1
         for i, name in enumerate(cfg.devices):
-            dev = "cpu" if name.startswith("cpu") else name
+            dev = torch_device(name)
             w = Worker(self, i, name, dev, cfg.roles[name])
             # Workers sharing a GPU split its free memory; loaded one after another so each sees
             # what the previous ones took.

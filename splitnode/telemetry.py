@@ -26,7 +26,7 @@ def nvml_targets(devices: list[str]) -> dict[str, str | None]:
     torch's devices, NVML's indices do not move. None for a CPU worker."""
     targets: dict[str, str | None] = {}
     for name in devices:
-        kind, _, idx = name.partition(":")
+        kind, _, idx = name.partition("/")[0].partition(":")  # "cuda:0/1": a second worker on cuda:0
         if kind != "cuda":
             targets[name] = None
             continue

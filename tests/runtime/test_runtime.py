@@ -240,3 +240,19 @@ async def test_a_layer_send_that_fails_mid_prefill_is_sent_again_whole(monkeypat
     # the hand-off then moves all 4 layers in one call
     assert [len(r) for r in calls] == [1, 1, 1, 4]
     assert all(d["kv_blocks_used"] == 0 for d in st["devices"])
+
+
+async def test_two_workers_on_one_device_split_the_phases(reference):
+    """A device named twice gets two workers (two roles on one card): the second is "cpu:0/1",
+    the KV still moves between their pools, and the answers are the single-device engine's."""
+    ps, ref = reference
+    cfg = RuntimeConfig(devices="cpu:0,cpu:0", roles={"cpu:0": "prompt", "cpu:0/1": "token"},
+                        num_kv_blocks=BLOCKS, layerwise_min_tokens=64, autoscale=False)
+    async with Runtime(cfg) as rt:
+        results = await asyncio.gather(*[collect(rt, p) for p in ps])
+        st = rt.status()
+    assert [d["name"] for d in st["devices"]] == ["cpu:0", "cpu:0/1"]
+    for events, r in zip(results, ref):
+        assert events[-1].token_ids == r.token_ids
+    assert st["transfers"]["num_sequences"] == len(ps)
+    assert all(d["kv_blocks_used"] == 0 for d in st["devices"])
