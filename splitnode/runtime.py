@@ -140,9 +140,14 @@ def check_phases(roles) -> None:
 
 @dataclass
 class _Stream:
+    """A request seen from the loop. The queue holds the workers' snapshots (outputs count,
+    finish reason), a few bytes each; the consumer turns each into its event when it takes it, so a
+    slow consumer costs a queue of ints, not a copy of the whole output per token."""
+
     state: RequestState
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    done: bool = False
+    ended: bool = False  # no more snapshots will come (finished, cancelled, failed)
+    num_queued: int = 0
 
 
 class Runtime:
@@ -212,8 +217,10 @@ class Runtime:
         for w in self.workers:
             await asyncio.to_thread(w.thread.join)
         for s in self._streams.values():
-            if not s.done:
+            if not s.ended:
                 s.queue.put_nowait(RuntimeError("the runtime stopped"))
+        for name in list(self._role_waiters):
+            self._fail_role_waiters(name, RuntimeError("the runtime stopped"))
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.stop)
 
@@ -248,21 +255,26 @@ class Runtime:
         worker.post("add", st.seq)
         try:
             while True:
-                ev = await stream.queue.get()
-                if isinstance(ev, BaseException):
-                    raise ev
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                num_out, reason = item
+                ev = st.update(st.num_seen if reason == "abort" else num_out, reason)
+                if st.stopped_by_string and not stream.ended:
+                    self._end(stream)
+                    self._cancel(stream)
                 yield ev
                 if ev.finished:
                     return
         finally:
-            if not stream.done:
+            if not stream.ended:
                 self._cancel(stream)
             self._streams.pop(st.request_id, None)
 
     async def cancel(self, request_id: int) -> bool:
         """Stops a request; its stream ends with finish_reason "abort". False if unknown/done."""
         stream = self._streams.get(request_id)
-        if stream is None or stream.done:
+        if stream is None or stream.ended:
             return False
         self._cancel(stream)
         return True
@@ -275,19 +287,19 @@ class Runtime:
     def _on_events(self, events: list[tuple[Sequence, int, str | None]]) -> None:
         for seq, num_out, reason in events:
             stream = self._streams.get(seq.seq_id)
-            if stream is None or stream.done:
+            if stream is None or stream.ended:
                 continue
-            if reason == "abort":
-                num_out = stream.state.num_seen
-            ev = stream.state.update(num_out, reason)
-            self.num_generated_tokens += len(ev.new_token_ids)
-            if stream.state.stopped_by_string:
-                self._cancel(stream)
-            if ev.finished:
-                stream.done = True
-                self.num_finished += 1
-                self._finished_metrics.append(ev.metrics)
-            stream.queue.put_nowait(ev)
+            if reason != "abort":
+                self.num_generated_tokens += max(0, num_out - stream.num_queued)
+                stream.num_queued = max(stream.num_queued, num_out)
+            stream.queue.put_nowait((num_out, reason))
+            if reason is not None:
+                self._end(stream)
+
+    def _end(self, stream: _Stream) -> None:
+        stream.ended = True
+        self.num_finished += 1
+        self._finished_metrics.append(stream.state.metrics())
 
     def _on_worker_error(self, worker: Worker, error: BaseException) -> None:
         """Fails the requests the dead worker held (its thread is gone: reading its queues is
@@ -297,9 +309,15 @@ class Runtime:
                 *(op[1] for op in list(worker.inbox) if op[0] in ("add", "arrive"))]
         for seq in held:
             stream = self._streams.get(seq.seq_id)
-            if stream is not None and not stream.done:
-                stream.done = True
+            if stream is not None and not stream.ended:
+                stream.ended = True
                 stream.queue.put_nowait(RuntimeError(f"worker {worker.name} failed: {error!r}"))
+        self._fail_role_waiters(worker.name, RuntimeError(f"device {worker.name} failed: {error!r}"))
+
+    def _fail_role_waiters(self, name: str, error: BaseException) -> None:
+        for _, fut in self._role_waiters.pop(name, []):
+            if not fut.done():
+                fut.set_exception(error)
 
     # -- roles ---------------------------------------------------------------------------------------
 
@@ -317,6 +335,8 @@ class Runtime:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         w = self.worker(device)
+        if w.error is not None:
+            raise RuntimeError(f"device {device} failed ({w.error!r}); it takes no role")
         check_phases([role if x is w else (x.target_role or x.role) for x in self.workers])
         if pin:
             self.pins.add(device)
@@ -372,7 +392,7 @@ class Runtime:
                 "busy_s": round(w.busy_s, 3), "error": None if w.error is None else repr(w.error),
                 "gpu": self.telemetry.sample(w.name),  # NVML's latest, or why there is none
             })
-        active = [s.state for s in self._streams.values() if not s.done]
+        active = [s.state for s in self._streams.values() if not s.ended]
         done = list(self._finished_metrics)
         ttft = [m["ttft_s"] for m in done if "ttft_s" in m]
         tbt = [m["tbt_mean_s"] for m in done if "tbt_mean_s" in m]

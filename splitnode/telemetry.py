@@ -93,8 +93,10 @@ class GPUSampler:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=max(5.0, 4 * self.interval_s))  # an NVML call may hang: don't wait forever
             self._thread = None
+        # live readings go stale now; a reason why there were none stays
+        self._set_all([n for n, smp in self._samples.items() if smp.get("available")], "telemetry stopped")
         if self._initialized:
             try:
                 self._nvml.nvmlShutdown()
@@ -126,16 +128,19 @@ class GPUSampler:
     def _read(self, handle) -> dict:
         nv = self._nvml
 
+        errors: list[Exception] = []
+
         def get(fn, *args, scale: float = 1.0):
             try:
                 value = fn(handle, *args)
-            except Exception:  # NVMLError_NotSupported and friends: that one field is unknown
+            except Exception as e:  # NVMLError_NotSupported and friends: that one field is unknown
+                errors.append(e)
                 return None
             return value / scale if scale != 1.0 else value
 
         util = get(nv.nvmlDeviceGetUtilizationRates)
         mem = get(nv.nvmlDeviceGetMemoryInfo)
-        return {
+        reads = {
             "available": True,
             "time": time.monotonic(),
             "power_w": get(nv.nvmlDeviceGetPowerUsage, scale=1000.0),  # mW
@@ -147,3 +152,6 @@ class GPUSampler:
             "temp_c": get(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU),
             "sm_clock_mhz": get(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM),
         }
+        if len(errors) == 7:  # nothing could be read: the GPU is lost (fell off the bus, reset)
+            return {"available": False, "reason": f"NVML read failed: {errors[0]}"}
+        return reads

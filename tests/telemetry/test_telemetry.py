@@ -125,9 +125,23 @@ def test_sampler_thread_follows_the_board():
 def test_unsupported_counter_is_none_not_made_up():
     sampler = GPUSampler({"cuda:0": "GPU-aaaa"}, nvml=FakeNVML({"GPU-aaaa": board()}, unsupported=("energy_mj",)))
     sampler.start()
-    sampler.stop()
     s = sampler.sample("cuda:0")
+    sampler.stop()
     assert s["available"] and s["energy_j"] is None and s["power_w"] == 250.0
+    assert sampler.sample("cuda:0") == {"available": False, "reason": "telemetry stopped"}
+
+
+def test_a_board_that_answers_nothing_is_unavailable_with_nvmls_reason():
+    """A GPU lost mid-run (off the bus, reset): every read fails; the sample says so instead of a
+    fresh timestamp over empty fields."""
+    lost = ("power_mw", "limit_mw", "energy_mj", "util", "mem_used", "temp", "sm_mhz")
+    sampler = GPUSampler({"cuda:0": "GPU-aaaa"}, nvml=FakeNVML({"GPU-aaaa": board()}, unsupported=lost))
+    sampler.start()
+    try:
+        s = sampler.sample("cuda:0")
+    finally:
+        sampler.stop()
+    assert s == {"available": False, "reason": "NVML read failed: Not Supported"}
 
 
 def test_board_nvml_cannot_find_says_so():
