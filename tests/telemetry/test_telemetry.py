@@ -147,10 +147,11 @@ def test_a_board_that_answers_nothing_is_unavailable_with_nvmls_reason():
 def test_board_nvml_cannot_find_says_so():
     sampler = GPUSampler({"cuda:0": "GPU-missing", "cuda:1": "GPU-aaaa"}, nvml=FakeNVML({"GPU-aaaa": board()}))
     sampler.start()
+    missing, found = sampler.sample("cuda:0"), sampler.sample("cuda:1")
     sampler.stop()
-    missing = sampler.sample("cuda:0")
     assert missing["available"] is False and missing["reason"].startswith("NVML has no device GPU-missing")
-    assert sampler.sample("cuda:1")["available"] is True
+    assert found["available"] is True
+    assert sampler.sample("cuda:0") == missing  # after stop the reason stays
 
 
 def test_nvml_that_fails_to_start_says_why():
