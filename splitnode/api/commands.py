@@ -57,7 +57,9 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     except (p.SocketInUse, PermissionError, FileExistsError) as e:
         print(f"splitnode serve: error: {e}", file=sys.stderr)
         return 2
-
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("splitnode: interrupted", file=sys.stderr)
+        return 130
 
 
 async def _serve(config, path: Path) -> int:
@@ -76,8 +78,18 @@ async def _serve(config, path: Path) -> int:
         print(f"splitnode: serving on {path} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        main = asyncio.current_task()
+        signals = (signal.SIGINT, signal.SIGTERM)
+
+        def on_signal() -> None:
+            if stop.is_set():  # asked twice: stop waiting for a clean stop; a third is Python's own
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+                main.cancel()
+            stop.set()
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal)
         try:
             await stop.wait()
         finally:

@@ -104,9 +104,16 @@ def pack(message) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-def unpacker() -> msgpack.Unpacker:
-    # max_buffer_size bounds a message still being received; the per-type lengths default to it.
-    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=MAX_FRAME_BYTES)
+MAX_ARRAY_LEN = 1 << 20  # items in one array (a prompt's token ids); msgpack allocates the count up front
+MAX_MAP_LEN = 1 << 16
+
+
+def unpacker(max_frame_bytes: int = MAX_FRAME_BYTES) -> msgpack.Unpacker:
+    """max_buffer_size bounds only the bytes not yet parsed (and each str/bin): a reader also bounds
+    the bytes of the message in progress (fed minus `tell()` after the last whole message), as the
+    server does."""
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max_frame_bytes,
+                            max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
 
 
 # -- parameters ---------------------------------------------------------------------------------------

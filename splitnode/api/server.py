@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -22,6 +23,8 @@ from splitnode.runtime import Runtime
 log = logging.getLogger("splitnode.api")
 
 _READ_CHUNK = 64 * 1024
+_DRAIN_EVERY = 64  # answers queued from one read before the server waits for the peer to take them
+_CLOSE_FLUSH_S = 1.0  # how long a closing connection may take to flush what is queued to its peer
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -41,8 +44,66 @@ def prepare_socket_dir(path: Path) -> None:
                               f"{stat.S_IMODE(st.st_mode):04o}); use a folder only you can write to")
 
 
-async def check_socket_free(path: Path, timeout: float = 1.0) -> None:
-    """Raises SocketInUse if a server answers at `path`; removes a stale socket nobody listens on."""
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def take_socket_lock(path: Path) -> int:
+    """An flock on `<socket>.lock`, held for the server's life: only its holder may remove a stale
+    socket, bind and listen, so two servers starting at once cannot both pass the stale check.
+    Returns the lock's fd; raises SocketInUse where another server holds it."""
+    lock = lock_path(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise p.SocketInUse(_in_use(path)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us unlinks the file as it lets go: a lock on that unlinked inode is no lock.
+        try:
+            st = lock.stat()
+        except FileNotFoundError:
+            st = None
+        fst = os.fstat(fd)
+        if st is not None and (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+            return fd
+        os.close(fd)
+
+
+def release_socket_lock(path: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        lock_path(path).unlink()
+    os.close(fd)
+
+
+def _in_use(path: Path) -> str:
+    return f"a server is already listening at {path}; stop it first or choose another --socket"
+
+
+def _lock_held(path: Path) -> bool:
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+async def check_socket_free(path: Path, timeout: float = 1.0, *, remove_stale: bool = False) -> None:
+    """Raises SocketInUse if a server answers at `path` or holds its lock. A socket nobody listens
+    on is stale; it is removed only with `remove_stale`, which only the lock's holder may pass: a
+    server between bind() and listen() refuses connections too."""
+    if not remove_stale and _lock_held(path):
+        raise p.SocketInUse(_in_use(path))
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -52,14 +113,15 @@ async def check_socket_free(path: Path, timeout: float = 1.0) -> None:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
     except (ConnectionRefusedError, FileNotFoundError):
-        log.info("removing stale socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        if remove_stale:
+            log.info("removing stale socket %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         return
     except asyncio.TimeoutError:
         raise p.SocketInUse(f"something holds {path} but does not accept connections; not taking it over") from None
     writer.close()
-    raise p.SocketInUse(f"a server is already listening at {path}; stop it first or choose another --socket")
+    raise p.SocketInUse(_in_use(path))
 
 
 class Server:
@@ -74,6 +136,7 @@ class Server:
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
+        self._lock_fd: int | None = None
 
     async def __aenter__(self) -> "Server":
         await self.start()
@@ -84,31 +147,46 @@ class Server:
 
     async def start(self) -> None:
         prepare_socket_dir(self.path)
-        await check_socket_free(self.path)
-        # Bound by hand: bind() fails on an existing path, where create_unix_server(path=...) would
-        # delete whatever socket is there, a live server's included.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lock_fd = take_socket_lock(self.path)
+        sock = None
         try:
-            sock.bind(str(self.path))
+            await check_socket_free(self.path, remove_stale=True)
+            # Bound by hand: bind() fails on an existing path, where create_unix_server(path=...) would
+            # delete whatever socket is there, a live server's included. The umask makes the socket
+            # 0600 from its first moment; others must not connect between bind() and chmod().
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old_umask)
             os.chmod(self.path, 0o600)
             st = self.path.stat()
             self._inode = (st.st_dev, st.st_ino)
             self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self._remove_socket()
+            release_socket_lock(self.path, self._lock_fd)
+            self._lock_fd = None
             raise
         log.info("listening on %s", self.path)
 
     async def close(self) -> None:
+        """Stops listening and drops every peer at once: a peer that stopped reading cannot hold
+        the shutdown up, and the socket is gone before any peer is waited on."""
         if self._server is None:
             return
-        self._server.close()
-        for conn in list(self.connections):
-            await conn.close()
-        await self._server.wait_closed()
-        self._server = None
         self._remove_socket()
+        self._server.close()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.abort()
+        await asyncio.gather(*(conn.done.wait() for conn in conns))
+        self._server = None
+        release_socket_lock(self.path, self._lock_fd)
+        self._lock_fd = None
 
     def _remove_socket(self) -> None:
         """Only the socket this server bound: a path re-bound by someone else is left alone."""
@@ -125,6 +203,7 @@ class Server:
             await conn.serve()
         finally:
             self.connections.discard(conn)
+            conn.done.set()
 
 
 async def serve(rt: Runtime, path: str | os.PathLike | None = None, **limits) -> Server:
@@ -142,39 +221,71 @@ class _Connection:
         self.writer = writer
         self.tasks: dict[int, asyncio.Task] = {}  # msgid -> the task answering it
         self.closed = False
+        self.done = asyncio.Event()  # serve() has returned
 
     async def serve(self) -> None:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=self.server.max_frame_bytes)
+        limit = self.server.max_frame_bytes
+        unpacker = p.unpacker(limit)
+        fed = 0  # bytes fed to the unpacker
+        parsed = 0  # where the last whole message ended
         try:
             while not self.closed:
                 data = await self.reader.read(_READ_CHUNK)
                 if not data:
+                    # EOF is the peer's half-close: it may still read. Its open requests finish; a
+                    # peer that is really gone is caught by the first write that fails.
+                    await self._finish_open_requests()
                     break
                 unpacker.feed(data)
-                for message in unpacker:
+                fed += len(data)
+                for n, message in enumerate(unpacker, 1):
+                    parsed = unpacker.tell()
                     self._dispatch(message)
+                    if n % _DRAIN_EVERY == 0:
+                        await self._drain()
+                # The unpacker builds a message as its bytes arrive and drops them (tell() counts
+                # them as read): bound the unfinished message by its bytes so far, which
+                # max_buffer_size does not.
+                if fed - parsed > limit:
+                    raise msgpack.BufferFull
                 await self._drain()  # a peer that sends without reading its answers is read no further
         except msgpack.BufferFull:
             self._send_error(p.ProtocolError(
-                f"message larger than the limit of {self.server.max_frame_bytes} bytes; closing the connection"))
-        except (msgpack.UnpackException, ValueError, p.ProtocolError) as e:
+                f"message larger than the limit of {limit} bytes; closing the connection"))
+        except (msgpack.UnpackException, ValueError, TypeError, p.ProtocolError) as e:
+            # TypeError: a map keyed by an array or a map (unhashable in Python).
             self._send_error(p.ProtocolError(f"not a msgpack-RPC message ({e}); closing the connection"))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             await self.close()
 
+    async def _finish_open_requests(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
     async def close(self) -> None:
         """The peer is gone or broke the protocol: its requests are cancelled (their generate
-        streams end, and the runtime frees their KV blocks)."""
-        self.closed = True
+        streams end, and the runtime frees their KV blocks); what is queued for it (an error
+        notification) gets a moment to flush, then the connection is dropped."""
+        self._cancel_requests()
         tasks = list(self.tasks.values())
-        for t in tasks:
-            t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), _CLOSE_FLUSH_S)
+        except (ConnectionError, asyncio.TimeoutError):
+            self.writer.transport.abort()
+
+    def abort(self) -> None:
+        """The server is stopping: drop the connection now, unsent answers included."""
+        self._cancel_requests()
+        self.writer.transport.abort()
+
+    def _cancel_requests(self) -> None:
+        self.closed = True
+        for t in self.tasks.values():
+            t.cancel()
 
     def _write(self, message) -> None:
         if self.closed or self.writer.is_closing():
@@ -284,8 +395,11 @@ class _Connection:
             await self._drain()
 
     async def _drain(self) -> None:
-        with contextlib.suppress(ConnectionError):
+        """A write that fails means the peer is gone: its requests stop here."""
+        try:
             await self.writer.drain()
+        except ConnectionError:
+            self._cancel_requests()
 
 
 def _arity(method: str, params: list, lo: int, hi: int) -> None:
