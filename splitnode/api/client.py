@@ -34,6 +34,12 @@ class Client:
         self._writer: asyncio.StreamWriter | None = None
         self._error: BaseException | None = None
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the connection failed, or None while it works; a failed Client stays failed (connect
+        a new one)."""
+        return self._error
+
     async def __aenter__(self) -> "Client":
         await self.connect()
         return self
@@ -106,10 +112,15 @@ class Client:
 
     def _send(self, method: str, params: list) -> int:
         if self._error is not None:
-            raise self._error
+            # A new exception each time: re-raising the stored one would grow its traceback per call.
+            raise ConnectionError(f"the connection to {self.path} is gone ({self._error}); "
+                                  f"a new Client is needed") from self._error
         if self._writer is None:
             raise RuntimeError("Client is not connected; use `async with Client(...) as c:`")
-        msgid = next(self._msgids) % (p.MAX_MSGID + 1)
+        while True:  # after 2**32 requests the ids wrap: skip those still open
+            msgid = next(self._msgids) % (p.MAX_MSGID + 1)
+            if msgid not in self._calls and msgid not in self._streams:
+                break
         self._writer.write(p.pack([p.REQUEST, msgid, method, params]))
         return msgid
 
