@@ -54,10 +54,11 @@ MAX_IN_FLIGHT_ROWS = 200
 class StatusSampled(Message):
     """A fresh `status()`; one still queued behind a newer one is dropped (bursts collapse)."""
 
-    def __init__(self, status: dict, t: float):
+    def __init__(self, status: dict, t: float, session: int):
         super().__init__()
         self.status = status
         self.t = t
+        self.session = session
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, StatusSampled)
@@ -122,6 +123,7 @@ class Dashboard(App):
         self.poll_s = poll_s
         self.load = LoadGenerator(backend, rate=load_rate)
         self.rates = Rates()
+        self._session = backend.session
         self.device_names: list[str] = []
         self._notifier: _Notifier | None = None
 
@@ -165,11 +167,14 @@ class Dashboard(App):
             except Exception as e:  # the server went away, say: show it, keep trying
                 self.post_message(StatusFailed(str(e) or type(e).__name__))
             else:
-                self.post_message(StatusSampled(status, time.monotonic()))
+                self.post_message(StatusSampled(status, time.monotonic(), self.backend.session))
             await asyncio.sleep(self.poll_s)
 
     @on(StatusSampled)
     def _on_status(self, message: StatusSampled) -> None:
+        if message.session != self._session:  # reattached: the new server's counters start over
+            self._session = message.session
+            self.rates = Rates()
         self.rates.add(message.t, message.status)
         self.error = None
         self.sample = message.status

@@ -99,7 +99,12 @@ async def _dash(path: Path) -> int:
     from splitnode.tui.app import Dashboard
     from splitnode.tui.backend import RemoteBackend
 
-    async with Client(path) as client:
+    client = Client(path)
+    await client.connect()
+    backend = RemoteBackend(client, where=f"attached to {path}")  # it may replace the client: it closes it
+    try:
         await client.status()  # fail here, with the server's reason, rather than inside the dashboard
-        await Dashboard(RemoteBackend(client, where=f"attached to {path}")).run_async()
+        await Dashboard(backend).run_async()
+    finally:
+        await backend.close()
     return 0

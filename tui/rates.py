@@ -24,7 +24,7 @@ class Rates:
             return None
         (t0, old), (t1, new) = self._samples[0], self._samples[-1]
         a, b = get(old), get(new)
-        if a is None or b is None or t1 <= t0:
+        if a is None or b is None or t1 <= t0 or b < a:  # a counter went down: a restarted server
             return None
         return (b - a) / (t1 - t0)
 

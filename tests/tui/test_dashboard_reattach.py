@@ -1,0 +1,97 @@
+"""The dashboard's lifecycle against a real Runtime on CPU workers: quitting with the load on,
+and `splitnode dash` reattaching to a server that went away and came back."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from splitnode.tui.app import Dashboard
+from splitnode.tui.backend import LocalBackend, RemoteBackend
+from splitnode.tui.rates import Rates
+
+from splitnode.api.client import Client
+from splitnode.api.server import serve
+from splitnode.runtime import Runtime, RuntimeConfig
+
+SIZE = (120, 35)
+
+
+@pytest.fixture
+async def rt():
+    async with Runtime(RuntimeConfig(devices="cpu:3", num_kv_blocks=256, autoscale=False)) as rt:
+        yield rt
+
+
+@pytest.fixture
+def sock_dir():
+    d = Path(tempfile.mkdtemp(dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def wait_for(pilot, check, timeout_s: float = 20.0, step_s: float = 0.05):
+    for _ in range(int(timeout_s / step_s)):
+        if check():
+            return
+        await pilot.pause(step_s)
+    assert check(), f"not true after {timeout_s}s"
+
+
+async def until(condition, timeout=10.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def kv_held(rt) -> int:
+    return sum(d["kv_blocks_used"] + d["kv_blocks_reserved"] for d in rt.status()["devices"])
+
+
+async def test_quitting_with_the_load_on_cancels_its_requests_and_frees_their_blocks(rt):
+    app = Dashboard(LocalBackend(rt), load=True, load_rate=32.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: rt.status()["requests"]["active"] >= 2)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, timeout_s=5)
+    sent = app.load.num_sent
+    await until(lambda: rt.status()["requests"]["active"] == 0 and kv_held(rt) == 0)
+    assert app.load.num_in_flight == 0 and app.load.num_sent == sent
+
+
+async def test_attached_dashboard_reattaches_when_the_server_comes_back(rt, sock_dir):
+    """A failed Client stays failed: the remote backend connects a new one once a server answers
+    on the socket again, and the dashboard's rates start over with the new server's counters."""
+    path = sock_dir / "s.sock"
+    srv = await serve(rt, path)
+    client = Client(path)
+    await client.connect()
+    app = Dashboard(RemoteBackend(client, where="attached"), poll_s=0.05)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.sample is not None)
+            first_rates = app.rates
+            await srv.close()
+            await wait_for(pilot, lambda: app.error is not None)
+            srv = await serve(rt, path)
+            await wait_for(pilot, lambda: app.error is None, timeout_s=5)
+            assert app.backend.session == 1 and app.backend.client is not client
+            assert app.rates is not first_rates
+    finally:
+        await app.backend.close()
+        await client.close()
+        await srv.close()
+
+
+def test_rates_are_unknown_while_a_counter_went_down():
+    rates = Rates()
+    rates.add(0.0, {"n": 100})
+    rates.add(1.0, {"n": 150})
+    assert rates.rate(lambda s: s["n"]) == 50.0
+    rates.add(1.5, {"n": 3})  # a restarted server counts from zero
+    assert rates.rate(lambda s: s["n"]) is None
