@@ -55,3 +55,16 @@ def make_hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def sock_dir():
+    """A short folder for Unix sockets: AF_UNIX paths are limited to ~107 bytes, and pytest's
+    tmp_path can be longer."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from pathlib import Path
 
 import msgpack
 import pytest
 
 from splitnode import cli
 from splitnode.api import Client, RemoteError, Server, SocketInUse, serve
-from splitnode.runtime import Runtime, RuntimeConfig
 from splitnode.sampling import SamplingParams
+from polling import until
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
 LONG = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}  # outlives the test's disconnect
-
-
-@pytest.fixture
-def sock_dir():
-    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
-    d = Path(tempfile.mkdtemp(dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def rt():
-    async with Runtime(RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)) as rt:
-        yield rt
 
 
 @pytest.fixture
@@ -77,15 +60,6 @@ class RawClient:
 
 def kv_used(rt) -> int:
     return sum(d["kv_blocks_used"] + d["kv_blocks_reserved"] for d in rt.status()["devices"])
-
-
-async def until(condition, timeout=10.0):
-    """The runtime frees blocks on its worker threads, with no event the test could await: poll."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_generate_over_socket_matches_runtime(rt, server):

@@ -5,31 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import tempfile
 import traceback
-from pathlib import Path
 
-import pytest
 
 from splitnode.api import Client, serve
 from splitnode.api import protocol as p
-from splitnode.runtime import Runtime, RuntimeConfig
 
 LONG = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}
-
-
-@pytest.fixture
-def sock_dir():
-    d = Path(tempfile.mkdtemp(dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def rt():
-    async with Runtime(RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)) as rt:
-        yield rt
 
 
 async def test_wrapped_msgid_never_collides_with_an_open_stream(rt, sock_dir):

@@ -5,10 +5,7 @@ against a real Runtime on two CPU workers over real Unix sockets."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import tempfile
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -16,28 +13,7 @@ import pytest
 from splitnode.api import Server, serve
 from splitnode.api import server as server_mod
 from splitnode.outputs import RequestOutput
-from splitnode.runtime import Runtime, RuntimeConfig
-
-
-@pytest.fixture
-def sock_dir():
-    d = Path(tempfile.mkdtemp(dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def rt():
-    async with Runtime(RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)) as rt:
-        yield rt
-
-
-async def until(condition, timeout=10.0):
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
+from polling import until
 
 
 def pending_bytes(srv: Server) -> int:

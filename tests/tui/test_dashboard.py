@@ -4,31 +4,13 @@ notification, and the load generator sends real requests."""
 
 from __future__ import annotations
 
-import pytest
 from textual.notifications import Notify
 
-from splitnode.runtime import Runtime, RuntimeConfig
 from splitnode.tui.app import Dashboard, HelpScreen
 from splitnode.tui.backend import LocalBackend, RemoteBackend
+from polling import wait_for
 
 SIZE = (120, 35)
-
-
-@pytest.fixture
-async def rt():
-    # autoscale off: only the keys under test move roles. 256 blocks of 16 tokens hold the load
-    # generator's longest prompt.
-    async with Runtime(RuntimeConfig(devices="cpu:3", num_kv_blocks=256, autoscale=False)) as rt:
-        yield rt
-
-
-async def wait_for(pilot, check, timeout_s: float = 20.0, step_s: float = 0.05):
-    """Polls `check()` between pilot pauses until it is true; fails after `timeout_s`."""
-    for _ in range(int(timeout_s / step_s)):
-        if check():
-            return
-        await pilot.pause(step_s)
-    assert check(), f"not true after {timeout_s}s"
 
 
 def cell(app, device: str, column: str) -> str:

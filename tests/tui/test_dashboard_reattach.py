@@ -3,50 +3,16 @@ and `splitnode dash` reattaching to a server that went away and came back."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
-from pathlib import Path
 
-import pytest
 from splitnode.tui.app import Dashboard
 from splitnode.tui.backend import LocalBackend, RemoteBackend
 from splitnode.tui.rates import Rates
 
 from splitnode.api.client import Client
 from splitnode.api.server import serve
-from splitnode.runtime import Runtime, RuntimeConfig
+from polling import until, wait_for
 
 SIZE = (120, 35)
-
-
-@pytest.fixture
-async def rt():
-    async with Runtime(RuntimeConfig(devices="cpu:3", num_kv_blocks=256, autoscale=False)) as rt:
-        yield rt
-
-
-@pytest.fixture
-def sock_dir():
-    d = Path(tempfile.mkdtemp(dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-async def wait_for(pilot, check, timeout_s: float = 20.0, step_s: float = 0.05):
-    for _ in range(int(timeout_s / step_s)):
-        if check():
-            return
-        await pilot.pause(step_s)
-    assert check(), f"not true after {timeout_s}s"
-
-
-async def until(condition, timeout=10.0):
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 def kv_held(rt) -> int:
