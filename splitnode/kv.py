@@ -83,11 +83,6 @@ class BlockPool:
             self._reservations[key] = Reservation(blocks, time.monotonic() + lease_s)
             return blocks
 
-    def reserved_blocks(self, key: object) -> list[int] | None:
-        with self.lock:
-            r = self._reservations.get(key)
-            return None if r is None else list(r.blocks)
-
     def claim(self, key: object) -> list[int] | None:
         """Take the reserved blocks over (they become a sequence's); None if the lease is gone."""
         with self.lock:
