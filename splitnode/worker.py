@@ -66,6 +66,11 @@ class Worker:
         return self.target_role is None and self.role in ("token", "mixed")
 
     @property
+    def decodes_after_change(self) -> bool:
+        """Still a token-capable worker once the change under way (if any) is done."""
+        return (self.target_role or self.role) in ("token", "mixed")
+
+    @property
     def pending_prompt_tokens(self) -> int:
         # recomputes (not routed here) also count as done: never below zero
         return max(0, self.routed_prompt_tokens - self.done_prompt_tokens)
@@ -213,8 +218,8 @@ class Worker:
 
     def _hand_off(self) -> None:
         for seq in [s for s in self.engine.batcher.running if self._handoff_due(s)]:
-            if seq.dest is not None and seq.dest.error is not None:
-                self._release_dest(seq)  # its token worker died: find another
+            if seq.dest is not None and (seq.dest.error is not None or not seq.dest.decodes_after_change):
+                self._release_dest(seq)  # its token worker died or is leaving decode work: find another
             dest, blocks, sent = seq.dest, None, False
             if dest is not None:
                 claimed, seq.dest_blocks = seq.dest_blocks, None
@@ -314,8 +319,8 @@ class Worker:
         b = self.engine.batcher
         if new is None:
             return
-        if new == "prompt" and any(s.is_decode for s in b.running):
-            return  # drained here or handed off by `_hand_off`, turn by turn
+        if new == "prompt" and (self.arrivals or any(s.is_decode for s in b.running)):
+            return  # drained here or handed off by `_hand_off`, turn by turn; arrivals land first
         with self.role_lock:
             b.role = self.role = new
             if self.role_gen == gen:  # else a newer change was asked meanwhile: the next turn takes it
