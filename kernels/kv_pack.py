@@ -1,4 +1,6 @@
-"""Move one layer's blocks of a sequence between a paged pool and a contiguous staging buffer."""
+"""Move a sequence's blocks between a paged pool and a contiguous staging buffer: one layer
+(`kv_pack` / `kv_unpack`, what the layer-wise transfer sends while the next layer computes) or
+every layer at once (`kv_pack_all` / `kv_unpack_all`, one launch each for a whole-sequence move)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,15 @@ if triton is not None:
             tl.store(cache_v_ptr + cache_off, v, mask=mask)
 
 
+def kv_pack_all_ref(kv: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """kv [2, L, num_blocks, block_size, Hkv, D] (the engine's whole cache); out [2, L, n, ...]."""
+    torch.index_select(kv, 2, block_ids, out=out)
+
+
+def kv_unpack_all_ref(staging: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor) -> None:
+    kv.index_copy_(2, block_ids, staging)
+
+
 def _launch(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, staging: torch.Tensor, pack: bool) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and staging.is_contiguous()
@@ -72,6 +83,55 @@ def _launch(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tenso
         k_cache, v_cache, staging[0], staging[1], block_ids,
         BLOCK_NUMEL=block_numel, CHUNK=chunk, PACK=pack,
     )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kv_planes_kernel(
+        cache_ptr, stage_ptr, block_ids_ptr, n, plane_numel,
+        BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr, PACK: tl.constexpr,
+    ):
+        """Grid (n, chunks per block, planes): program (i, c, p) moves chunk c of block
+        block_ids[i] of plane p (a layer's K or V) between the cache and staging[p, i]."""
+        i = tl.program_id(0)
+        c = tl.program_id(1)
+        p = tl.program_id(2).to(tl.int64)
+        blk = tl.load(block_ids_ptr + i).to(tl.int64)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < BLOCK_NUMEL
+        cache_off = p * plane_numel + blk * BLOCK_NUMEL + offs
+        stage_off = (p * n + i) * BLOCK_NUMEL + offs
+        if PACK:
+            tl.store(stage_ptr + stage_off, tl.load(cache_ptr + cache_off, mask=mask), mask=mask)
+        else:
+            tl.store(cache_ptr + cache_off, tl.load(stage_ptr + stage_off, mask=mask), mask=mask)
+
+
+def _launch_all(kv: torch.Tensor, block_ids: torch.Tensor, staging: torch.Tensor, pack: bool) -> None:
+    assert kv.dim() == 6 and kv.shape[0] == 2 and kv.is_contiguous() and staging.is_contiguous(), kv.shape
+    assert block_ids.dim() == 1 and block_ids.dtype in (torch.int32, torch.int64) and block_ids.is_contiguous()
+    n = block_ids.shape[0]
+    assert staging.shape == (2, kv.shape[1], n, *kv.shape[3:]), (staging.shape, n, kv.shape)
+    assert staging.dtype == kv.dtype and staging.device == kv.device == block_ids.device
+    if n == 0:
+        return
+    block_numel = kv[0, 0, 0].numel()
+    chunk = min(_CHUNK, triton.next_power_of_2(block_numel))
+    planes = 2 * kv.shape[1]
+    grid = (n, triton.cdiv(block_numel, chunk), planes)
+    _kv_planes_kernel[grid](kv, staging, block_ids, n, kv[0, 0].numel(),
+                            BLOCK_NUMEL=block_numel, CHUNK=chunk, PACK=pack)
+
+
+def kv_pack_all_triton(kv: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """Same contract as kv_pack_all_ref."""
+    _launch_all(kv, block_ids, out, pack=True)
+
+
+def kv_unpack_all_triton(staging: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor) -> None:
+    """Same contract as kv_unpack_all_ref; no repeated ids."""
+    _launch_all(kv, block_ids, staging, pack=False)
 
 
 def kv_pack_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -96,3 +156,17 @@ def kv_unpack(staging, k_cache, v_cache, block_ids) -> None:
         kv_unpack_triton(staging, k_cache, v_cache, block_ids)
     else:
         kv_unpack_ref(staging, k_cache, v_cache, block_ids)
+
+
+def kv_pack_all(kv, block_ids, out) -> None:
+    if triton is not None and kv.is_cuda:
+        kv_pack_all_triton(kv, block_ids, out)
+    else:
+        kv_pack_all_ref(kv, block_ids, out)
+
+
+def kv_unpack_all(staging, kv, block_ids) -> None:
+    if triton is not None and kv.is_cuda:
+        kv_unpack_all_triton(staging, kv, block_ids)
+    else:
+        kv_unpack_all_ref(staging, kv, block_ids)

@@ -14,7 +14,7 @@ import torch
 
 from splitnode.batcher import Batch, Batcher
 from splitnode.config import EngineConfig
-from splitnode.kv import BlockPool, allocate_kv_cache, kv_cache_bytes_per_block
+from splitnode.kv import BlockPool, allocate_kv_cache, kv_cache_bytes_per_block, layer_views
 from splitnode.model.loader import load_model
 from splitnode.model_runner import ModelRunner
 from splitnode.sampling import SamplingParams, sample, top_logprobs
@@ -63,8 +63,9 @@ class Engine:
         self.pool = BlockPool(num_blocks, config.block_size)
         self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len,
                                  num_blocks * config.block_size)
-        self.kv_caches = allocate_kv_cache(mc.num_hidden_layers, num_blocks, config.block_size,
-                                           mc.num_key_value_heads, mc.head_dim, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(mc.num_hidden_layers, num_blocks, config.block_size,
+                                          mc.num_key_value_heads, mc.head_dim, self.dtype, self.device)
+        self.kv_caches = layer_views(self.kv_cache)
         # A compute stream and a transfer stream per engine, so KV moves overlap compute.
         cuda = self.device.type == "cuda"
         self.compute_stream = torch.cuda.Stream(self.device) if cuda else None

@@ -117,8 +117,13 @@ def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                      dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One tensor for the whole cache; per layer a contiguous (K, V) view [num_blocks, block_size,
-    Hkv, D]. Zeroed, so padding rows read finite values."""
-    kv = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    return [(kv[0, layer], kv[1, layer]) for layer in range(num_layers)]
+                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One tensor for the whole cache, [2 (K, V), layers, num_blocks, block_size, Hkv, D]: a
+    whole-sequence KV move is one gather over its block axis. Zeroed, so padding rows read finite
+    values."""
+    return torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+
+def layer_views(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer a contiguous (K, V) view [num_blocks, block_size, Hkv, D], as attention reads it."""
+    return [(kv[0, layer], kv[1, layer]) for layer in range(kv.shape[1])]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitnode.kernels.kv_pack import kv_pack, kv_unpack
+from splitnode.kernels.kv_pack import kv_pack, kv_pack_all, kv_unpack, kv_unpack_all
 
 
 @dataclass
@@ -40,7 +40,7 @@ class KVMover:
     def send(self, src, dst, src_blocks, dst_blocks, layers: range) -> None:
         """Copies `layers` of src_blocks (in src's pool) into dst_blocks (in dst's pool): lists, or
         int64 tensors already on each side's device (`block_ids`, made once per sequence). `src`
-        and `dst` are engines with `.kv_caches`, `.device` and, on CUDA, `.compute_stream` and
+        and `dst` are engines with `.kv_cache` (and its per-layer `.kv_caches`), `.device` and, on CUDA, `.compute_stream` and
         `.transfer_stream`. On CUDA this only enqueues; `completion_event(dst)` marks the end."""
         assert len(src_blocks) == len(dst_blocks), "source and destination block counts differ"
         t0 = time.perf_counter()
@@ -50,12 +50,18 @@ class KVMover:
         src_cuda, dst_cuda = src.device.type == "cuda", dst.device.type == "cuda"
         if src_cuda:
             src.transfer_stream.wait_stream(src.compute_stream)  # the layer's K/V is written
-        for layer in layers:
-            k_src, v_src = src.kv_caches[layer]
-            k_dst, v_dst = dst.kv_caches[layer]
+        # Every layer at once is one pack, one copy and one unpack over the whole cache; a layer at
+        # a time (the layer-wise path) is the same three for that layer's K and V.
+        whole = len(layers) == src.kv_cache.shape[1] and layers.start == 0 and layers.step == 1
+        for layer in [None] if whole else layers:
             with _on(src):
-                staging = torch.empty((2, len(src_blocks), *k_src.shape[1:]), dtype=k_src.dtype, device=src.device)
-                kv_pack(k_src, v_src, src_ids, staging)
+                if whole:
+                    staging = src.kv_cache.new_empty((2, src.kv_cache.shape[1], len(src_ids), *src.kv_cache.shape[3:]))
+                    kv_pack_all(src.kv_cache, src_ids, staging)
+                else:
+                    k_src, v_src = src.kv_caches[layer]
+                    staging = k_src.new_empty((2, len(src_ids), *k_src.shape[1:]))
+                    kv_pack(k_src, v_src, src_ids, staging)
                 if src_cuda and not dst_cuda:  # to the host: waits for the pack on this stream
                     staging = staging.to(dst.device)
                 # Both devices' current streams are their transfer streams here, so a peer copy
@@ -66,7 +72,10 @@ class KVMover:
                         staging.record_stream(dst.transfer_stream)
                     if staging.device != dst.device:
                         staging = staging.to(dst.device, non_blocking=src_cuda and dst_cuda)
-                    kv_unpack(staging, k_dst, v_dst, dst_ids)
+                    if whole:
+                        kv_unpack_all(staging, dst.kv_cache, dst_ids)
+                    else:
+                        kv_unpack(staging, *dst.kv_caches[layer], dst_ids)
             nbytes += staging.numel() * staging.element_size()
         with self._lock:
             self.stats.num_transfers += 1

@@ -222,6 +222,32 @@ def test_kv_pack_triton_handles_a_block_larger_than_one_program_chunk():
     assert torch.equal(out[0], k[ids]) and torch.equal(out[1], v[ids])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_kv_pack_all_then_unpack_all_moves_every_layer_of_the_listed_blocks(dtype, index_dtype):
+    """The whole-sequence move: one launch over every layer's K and V planes."""
+    g = _gen(10)
+    layers, block_size, num_kv_heads, head_dim = 3, 8, 2, 32
+    src = _randn(2, layers, 10, block_size, num_kv_heads, head_dim, dtype=dtype, g=g)
+    src_ids = torch.tensor([7, 0, 4, 9]).to(index_dtype)
+    dst_ids = torch.tensor([2, 5, 0, 6]).to(index_dtype)
+    staging = torch.full((2, layers, 4, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    staging_ref = staging.clone()
+    kv_pack.kv_pack_all_triton(src, src_ids, staging)
+    kv_pack.kv_pack_all_ref(src, src_ids.long(), staging_ref)
+    assert torch.equal(staging, staging_ref)
+    assert torch.equal(staging[1, 2, 3], src[1, 2, 9])  # V of the last layer, fourth block
+
+    dst = torch.full((2, layers, 8, block_size, num_kv_heads, head_dim), 5.0, dtype=dtype)
+    dst_ref = dst.clone()
+    kv_pack.kv_unpack_all_triton(staging, dst, dst_ids)
+    kv_pack.kv_unpack_all_ref(staging, dst_ref, dst_ids.long())
+    assert torch.equal(dst, dst_ref)
+    assert torch.equal(dst[:, :, dst_ids.long()], src[:, :, src_ids.long()])
+    untouched = [b for b in range(8) if b not in dst_ids.tolist()]
+    assert (dst[:, :, untouched] == 5.0).all()
+
+
 # ---------------------------------------------------------------- dispatch
 
 
