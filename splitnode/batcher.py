@@ -65,13 +65,6 @@ class Batcher:
             self.waiting.remove(seq)
         self.pool.release(seq)
 
-    def detach(self, seq: Sequence) -> None:
-        """Take seq out without freeing its blocks (the caller owns them now)."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-
     @property
     def num_pending_prompt_tokens(self) -> int:
         # Read from the event loop too (routing, policy, status) while the worker changes both

@@ -22,7 +22,6 @@ class Autoscaler:
         self.rt = rt
         self._borrowed: dict[str, tuple[str, float]] = {}  # name -> (home role, since)
         self.num_borrows = 0
-        self.num_repurposed = 0
 
     def borrowed_from(self, w: "Worker") -> str | None:
         b = self._borrowed.get(w.name)
@@ -66,7 +65,6 @@ class Autoscaler:
                 other = "prompt" if home == "token" else "token"
                 log.info("autoscaler: %s stayed mixed %.0f s; re-purposed %s -> %s", name, now - since, home, other)
                 self._borrowed.pop(name)
-                self.num_repurposed += 1
                 await self.rt.assign(name, other, mode="migrate", pin=False)
             elif self._other_work_done(w, home, prompt_queue, occupancy):
                 self._borrowed.pop(name)

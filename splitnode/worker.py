@@ -52,7 +52,6 @@ class Worker:
         self.last_batch_tokens = 0
         self.num_steps = 0
         self.busy_s = 0.0
-        self.role_since = time.monotonic()
         self.thread = threading.Thread(target=self._main, name=f"splitnode-{name}", daemon=True)
 
     # -- seen from the loop thread ------------------------------------------------------------
@@ -325,5 +324,4 @@ class Worker:
             b.role = self.role = new
             if self.role_gen == gen:  # else a newer change was asked meanwhile: the next turn takes it
                 self.target_role = None
-        self.role_since = time.monotonic()
         self.rt._post(self.rt._on_role_changed, self, gen, new)

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
 from pathlib import Path
 
 UP_DESCRIPTION = ("Start the phase-split runtime on DEVICES in this process, serve it on a Unix socket (so "
@@ -56,40 +54,21 @@ def dash(args: argparse.Namespace) -> int:
 
 
 async def _up(config, path: Path, load: bool) -> int:
-    from splitnode.api import server
-    from splitnode.runtime import Runtime
+    from splitnode.api.commands import start_serving
     from splitnode.tui.app import Dashboard
     from splitnode.tui.backend import LocalBackend
 
-    server.prepare_socket_dir(path)
-    await server.check_socket_free(path)  # before the model loads, not after
-    print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
-          file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    # The runtime logs each worker's load; shown here, before the dashboard owns the terminal.
-    progress = logging.StreamHandler(sys.stderr)
-    progress.setFormatter(logging.Formatter("splitnode: %(message)s"))
-    logger = logging.getLogger("splitnode")
-    logger.addHandler(progress)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    rt = Runtime(config)
+    # each worker's load line is shown here, before the dashboard owns the terminal
+    rt, srv, seconds = await start_serving(config, path, worker_progress=True)
     try:
-        await rt.start()
+        roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
+        print(f"splitnode: loaded in {seconds:.1f}s; {roles}; serving on {path}", file=sys.stderr, flush=True)
+        await Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load).run_async()
     finally:
-        logger.removeHandler(progress)
-        logger.setLevel(level)
-    try:
-        srv = await server.serve(rt, path)
         try:
-            roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
-            print(f"splitnode: loaded in {time.perf_counter() - t0:.1f}s; {roles}; serving on {path}",
-                  file=sys.stderr, flush=True)
-            await Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load).run_async()
-        finally:
             await srv.close()
-    finally:
-        await rt.stop()
+        finally:
+            await rt.stop()
     print("splitnode: stopped", file=sys.stderr)
     return 0
 

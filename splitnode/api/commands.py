@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import signal
 import sys
 import time
@@ -62,19 +64,50 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
         return 130
 
 
-async def _serve(config, path: Path) -> int:
+async def start_serving(config, path: Path, worker_progress: bool = False):
+    """What `serve` and `up` both start with: the socket checked free (before minutes of loading,
+    not after), the runtime loaded, the socket served. Returns (runtime, server, seconds taken);
+    the caller closes the server, then stops the runtime. `worker_progress` prints each worker's
+    load line (the runtime logs them), for a caller about to hand the terminal to a dashboard."""
     from splitnode.api import server
     from splitnode.runtime import Runtime
 
     server.prepare_socket_dir(path)
-    await server.check_socket_free(path)  # before minutes of loading, not after
+    await server.check_socket_free(path)
     print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    async with Runtime(config) as rt:
+    rt = Runtime(config)
+    with _log_to_stderr(logging.getLogger("splitnode")) if worker_progress else contextlib.nullcontext():
+        await rt.start()
+    try:
         srv = await server.serve(rt, path)
+    except BaseException:
+        await rt.stop()
+        raise
+    return rt, srv, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _log_to_stderr(logger: logging.Logger):
+    """The logger's INFO lines on stderr, for as long as the context lasts."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("splitnode: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def _serve(config, path: Path) -> int:
+    rt, srv, seconds = await start_serving(config, path)
+    try:
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
-        print(f"splitnode: loaded in {time.perf_counter() - t0:.1f}s; {roles}", file=sys.stderr)
+        print(f"splitnode: loaded in {seconds:.1f}s; {roles}", file=sys.stderr)
         print(f"splitnode: serving on {path} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -90,10 +123,12 @@ async def _serve(config, path: Path) -> int:
 
         for sig in signals:
             loop.add_signal_handler(sig, on_signal)
+        await stop.wait()
+    finally:
         try:
-            await stop.wait()
-        finally:
             await srv.close()
+        finally:
+            await rt.stop()
     print("splitnode: stopped", file=sys.stderr)
     return 0
 
