@@ -54,21 +54,15 @@ def dash(args: argparse.Namespace) -> int:
 
 
 async def _up(config, path: Path, load: bool) -> int:
-    from splitnode.api.commands import start_serving
+    from splitnode.api.commands import serving
     from splitnode.tui.app import Dashboard
     from splitnode.tui.backend import LocalBackend
 
     # each worker's load line is shown here, before the dashboard owns the terminal
-    rt, srv, seconds = await start_serving(config, path, worker_progress=True)
-    try:
+    async with serving(config, path, worker_progress=True) as (rt, seconds):
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
         print(f"splitnode: loaded in {seconds:.1f}s; {roles}; serving on {path}", file=sys.stderr, flush=True)
         await Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load).run_async()
-    finally:
-        try:
-            await srv.close()
-        finally:
-            await rt.stop()
     print("splitnode: stopped", file=sys.stderr)
     return 0
 

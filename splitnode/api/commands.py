@@ -64,11 +64,13 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
         return 130
 
 
-async def start_serving(config, path: Path, worker_progress: bool = False):
-    """What `serve` and `up` both start with: the socket checked free (before minutes of loading,
-    not after), the runtime loaded, the socket served. Returns (runtime, server, seconds taken);
-    the caller closes the server, then stops the runtime. `worker_progress` prints each worker's
-    load line (the runtime logs them), for a caller about to hand the terminal to a dashboard."""
+@contextlib.asynccontextmanager
+async def serving(config, path: Path, worker_progress: bool = False):
+    """What `serve` and `up` both run in: the socket checked free (before minutes of loading, not
+    after), the runtime loaded, the socket served; on the way out the server closes, then the
+    runtime stops. Yields (runtime, seconds the start took). `worker_progress` prints each
+    worker's load line (the runtime logs them), for a caller about to hand the terminal to a
+    dashboard."""
     from splitnode.api import server
     from splitnode.runtime import Runtime
 
@@ -82,10 +84,12 @@ async def start_serving(config, path: Path, worker_progress: bool = False):
         await rt.start()
     try:
         srv = await server.serve(rt, path)
-    except BaseException:
+        try:
+            yield rt, time.perf_counter() - t0
+        finally:
+            await srv.close()
+    finally:
         await rt.stop()
-        raise
-    return rt, srv, time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -104,8 +108,7 @@ def _log_to_stderr(logger: logging.Logger):
 
 
 async def _serve(config, path: Path) -> int:
-    rt, srv, seconds = await start_serving(config, path)
-    try:
+    async with serving(config, path) as (rt, seconds):
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
         print(f"splitnode: loaded in {seconds:.1f}s; {roles}", file=sys.stderr)
         print(f"splitnode: serving on {path} (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -124,11 +127,6 @@ async def _serve(config, path: Path) -> int:
         for sig in signals:
             loop.add_signal_handler(sig, on_signal)
         await stop.wait()
-    finally:
-        try:
-            await srv.close()
-        finally:
-            await rt.stop()
     print("splitnode: stopped", file=sys.stderr)
     return 0
 
