@@ -17,7 +17,7 @@ import statistics
 import time
 
 from splitnode import SamplingParams
-from splitnode.runtime import Runtime, RuntimeConfig, default_roles, parse_devices
+from splitnode.runtime.runtime import Runtime, RuntimeConfig, default_roles, parse_devices
 
 
 def pct(values, q):

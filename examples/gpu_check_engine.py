@@ -62,9 +62,9 @@ def main() -> int:
         print("no CUDA")
         return 0
     from splitnode import LLM, SamplingParams
-    from splitnode.engine import Engine
-    from splitnode.config import EngineConfig
-    from splitnode.runtime import Runtime, RuntimeConfig
+    from splitnode.engine.engine import Engine
+    from splitnode.engine.config import EngineConfig
+    from splitnode.runtime.runtime import Runtime, RuntimeConfig
 
     ok = True
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -100,7 +100,7 @@ def main() -> int:
         weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
         ctx, steps = 512, 64
         params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-        from splitnode.sequence import Sequence
+        from splitnode.engine.sequence import Sequence
         seqs = [Sequence(i, [(i * 31 + j) % 250 + 3 for j in range(ctx)], params) for i in range(bs)]
         for s in seqs:
             eng.add(s)
@@ -128,7 +128,7 @@ def main() -> int:
     for k, v in a.kv_caches:
         k.normal_()
         v.normal_()
-    from splitnode.transfer import KVMover
+    from splitnode.runtime.transfer import KVMover
     mover = KVMover()
     n = 256  # 4096 tokens
     src = torch.randperm(2048)[:n].tolist()

@@ -1,10 +1,10 @@
 """splitnode: phase-split LLM serving on one machine."""
 
-from splitnode.config import EngineConfig
-from splitnode.llm import LLM
-from splitnode.outputs import RequestOutput
-from splitnode.runtime import Runtime, RuntimeConfig
-from splitnode.sampling import Logprob, SamplingParams
+from splitnode.engine.config import EngineConfig
+from splitnode.engine.llm import LLM
+from splitnode.engine.outputs import RequestOutput
+from splitnode.runtime.runtime import Runtime, RuntimeConfig
+from splitnode.engine.sampling import Logprob, SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "Logprob", "RequestOutput", "Runtime", "RuntimeConfig", "SamplingParams"]
 __version__ = "0.1.0"

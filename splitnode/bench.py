@@ -103,7 +103,7 @@ def timed_alternately(fns: dict, repeat: int) -> dict[str, tuple[list[float], li
 
 
 def splitnode_fn(llm, max_tokens: list[int], prompts: list[list[int]]):
-    from splitnode.sampling import SamplingParams
+    from splitnode.engine.sampling import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
     return lambda: [o.token_ids for o in llm.generate(prompts, params)]
@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from splitnode.engine import resolve_model_path
-    from splitnode.llm import LLM
+    from splitnode.engine.engine import resolve_model_path
+    from splitnode.engine.llm import LLM
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -11,8 +11,8 @@ import time
 import types
 import typing
 
-from splitnode.config import EngineConfig
-from splitnode.runtime import RuntimeConfig
+from splitnode.engine.config import EngineConfig
+from splitnode.runtime.runtime import RuntimeConfig
 
 # Help for EngineConfig fields; a field added later without an entry still gets a flag.
 ENGINE_HELP = {
@@ -108,7 +108,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from splitnode.sampling import SamplingParams
+    from splitnode.engine.sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed,
@@ -117,7 +117,7 @@ def sampling_params(args: argparse.Namespace):
 
 
 def load_llm(args: argparse.Namespace):
-    from splitnode.llm import LLM
+    from splitnode.engine.llm import LLM
 
     kwargs = engine_kwargs(args)
     if getattr(args, "seed", None) is not None:

@@ -30,7 +30,7 @@ def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from splitnode.api import protocol as p
     from splitnode.api.commands import parse_roles
-    from splitnode.runtime import RuntimeConfig, run_event_loop
+    from splitnode.runtime.runtime import RuntimeConfig, run_event_loop
 
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles),
                            autoscale=args.autoscale, **engine_kwargs)  # bad values fail here, before loading
@@ -43,7 +43,7 @@ def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
 def dash(args: argparse.Namespace) -> int:
     from splitnode.api import protocol as p
-    from splitnode.runtime import run_event_loop
+    from splitnode.runtime.runtime import run_event_loop
 
     try:
         return run_event_loop(_dash(args.socket or p.default_socket_path()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from splitnode.sampling import SamplingParams
+from splitnode.engine.sampling import SamplingParams
 
 _DOC = ("The prompt phase reads the whole prompt at once and is bound by compute; the token phase "
         "makes one token at a time and is bound by memory bandwidth. Splitting them across machines "

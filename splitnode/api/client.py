@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from splitnode.api import protocol as p
-from splitnode.outputs import RequestOutput
-from splitnode.sampling import SamplingParams
+from splitnode.engine.outputs import RequestOutput
+from splitnode.engine.sampling import SamplingParams
 
 
 @dataclass

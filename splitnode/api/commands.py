@@ -50,7 +50,7 @@ def parse_roles(spec: str | None) -> dict[str, str] | None:
 
 
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
-    from splitnode.runtime import RuntimeConfig, run_event_loop
+    from splitnode.runtime.runtime import RuntimeConfig, run_event_loop
 
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
                            **engine_kwargs)  # bad values fail here, before the model loads
@@ -72,7 +72,7 @@ async def serving(config, path: Path, worker_progress: bool = False):
     worker's load line (the runtime logs them), for a caller about to hand the terminal to a
     dashboard."""
     from splitnode.api import server
-    from splitnode.runtime import Runtime
+    from splitnode.runtime.runtime import Runtime
 
     server.prepare_socket_dir(path)
     await server.check_socket_free(path)

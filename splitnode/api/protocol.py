@@ -38,8 +38,8 @@ from pathlib import Path
 
 import msgpack
 
-from splitnode.outputs import RequestOutput
-from splitnode.sampling import Logprob, SamplingParams
+from splitnode.engine.outputs import RequestOutput
+from splitnode.engine.sampling import Logprob, SamplingParams
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 METHODS = ("generate", "cancel", "assign", "release", "status", "ping")

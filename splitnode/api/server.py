@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 
 from splitnode.api import protocol as p
-from splitnode.runtime import Runtime
+from splitnode.runtime.runtime import Runtime
 
 log = logging.getLogger("splitnode.api")
 

@@ -12,7 +12,7 @@ import pytest
 
 from splitnode import cli
 from splitnode.api import Client, RemoteError, Server, SocketInUse, serve
-from splitnode.sampling import SamplingParams
+from splitnode.engine.sampling import SamplingParams
 from polling import until
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)

@@ -12,7 +12,7 @@ import pytest
 
 from splitnode.api import Server, serve
 from splitnode.api import server as server_mod
-from splitnode.outputs import RequestOutput
+from splitnode.engine.outputs import RequestOutput
 from polling import until
 
 

@@ -9,7 +9,7 @@ from contextlib import aclosing
 import torch
 
 from splitnode import LLM, SamplingParams
-from splitnode.sequence import Sequence
+from splitnode.engine.sequence import Sequence
 
 ARCH = "MistralForCausalLM"
 

@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from splitnode import LLM, SamplingParams
-from splitnode.runtime import Runtime, RuntimeConfig
-from splitnode.sequence import Sequence
+from splitnode.runtime.runtime import Runtime, RuntimeConfig
+from splitnode.engine.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 BLOCKS = 64

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from splitnode.sequence import Sequence
+from splitnode.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from splitnode.worker import Worker
+    from splitnode.runtime.worker import Worker
 
 
 class Router:

@@ -18,18 +18,18 @@ from typing import AsyncIterator
 
 import torch
 
-from splitnode.config import EngineConfig
-from splitnode.engine import Engine, resolve_model_path
-from splitnode.llm import Prompt
+from splitnode.engine.config import EngineConfig
+from splitnode.engine.engine import Engine, resolve_model_path
+from splitnode.engine.llm import Prompt
 from splitnode.model.tokenizer import Tokenizer
-from splitnode.outputs import RequestOutput, RequestState
-from splitnode.pools import Autoscaler
-from splitnode.router import Router
-from splitnode.sampling import SamplingParams
-from splitnode.sequence import Sequence
+from splitnode.engine.outputs import RequestOutput, RequestState
+from splitnode.runtime.pools import Autoscaler
+from splitnode.runtime.router import Router
+from splitnode.engine.sampling import SamplingParams
+from splitnode.engine.sequence import Sequence
 from splitnode.telemetry import GPUSampler, nvml_targets
-from splitnode.transfer import KVMover
-from splitnode.worker import Worker
+from splitnode.runtime.transfer import KVMover
+from splitnode.runtime.worker import Worker
 
 log = logging.getLogger("splitnode")
 

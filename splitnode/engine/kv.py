@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitnode.sequence import Sequence
+from splitnode.engine.sequence import Sequence
 
 
 @dataclass

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from splitnode.engine import Engine
-from splitnode.sequence import Sequence, SeqStatus
-from splitnode.transfer import block_ids
+from splitnode.engine.engine import Engine
+from splitnode.engine.sequence import Sequence, SeqStatus
+from splitnode.runtime.transfer import block_ids
 
 if TYPE_CHECKING:
-    from splitnode.runtime import Runtime
+    from splitnode.runtime.runtime import Runtime
 
 log = logging.getLogger("splitnode")
 

@@ -11,8 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from splitnode.runtime import Runtime
-    from splitnode.worker import Worker
+    from splitnode.runtime.runtime import Runtime
+    from splitnode.runtime.worker import Worker
 
 log = logging.getLogger("splitnode")
 

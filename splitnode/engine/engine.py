@@ -12,13 +12,13 @@ from typing import Callable
 
 import torch
 
-from splitnode.batcher import Batch, Batcher
-from splitnode.config import EngineConfig
-from splitnode.kv import BlockPool, allocate_kv_cache, kv_cache_bytes_per_block, layer_views
+from splitnode.engine.batcher import Batch, Batcher
+from splitnode.engine.config import EngineConfig
+from splitnode.engine.kv import BlockPool, allocate_kv_cache, kv_cache_bytes_per_block, layer_views
 from splitnode.model.loader import load_model
-from splitnode.model_runner import ModelRunner
-from splitnode.sampling import SamplingParams, sample, top_logprobs
-from splitnode.sequence import Sequence, SeqStatus
+from splitnode.engine.model_runner import ModelRunner
+from splitnode.engine.sampling import SamplingParams, sample, top_logprobs
+from splitnode.engine.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("splitnode")
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from splitnode.batcher import Batch
+from splitnode.engine.batcher import Batch
 from splitnode.model.attention import AttentionContext, PrefillChunk
 from splitnode.model.decode_mirror import DecodeMirror
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitnode.sampling import Logprob
-from splitnode.sequence import Sequence
+from splitnode.engine.sampling import Logprob
+from splitnode.engine.sequence import Sequence
 
 
 @dataclass

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitnode.config import EngineConfig
-from splitnode.kv import BlockPool
-from splitnode.sequence import Sequence, SeqStatus
+from splitnode.engine.config import EngineConfig
+from splitnode.engine.kv import BlockPool
+from splitnode.engine.sequence import Sequence, SeqStatus
 
 # role -> (runs prefill chunks, runs decodes)
 PHASES = {"prompt": (True, False), "token": (True, True), "mixed": (True, True)}

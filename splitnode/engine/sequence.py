@@ -7,7 +7,7 @@ from enum import Enum, auto
 
 import torch
 
-from splitnode.sampling import Logprob, SamplingParams
+from splitnode.engine.sampling import Logprob, SamplingParams
 
 
 class SeqStatus(Enum):

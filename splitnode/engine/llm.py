@@ -9,12 +9,12 @@ import threading
 from collections import deque
 from typing import AsyncIterator, Sequence as Seq
 
-from splitnode.config import EngineConfig
-from splitnode.engine import Engine, resolve_model_path
+from splitnode.engine.config import EngineConfig
+from splitnode.engine.engine import Engine, resolve_model_path
 from splitnode.model.tokenizer import Tokenizer
-from splitnode.outputs import RequestOutput, RequestState
-from splitnode.sampling import SamplingParams
-from splitnode.sequence import Sequence
+from splitnode.engine.outputs import RequestOutput, RequestState
+from splitnode.engine.sampling import SamplingParams
+from splitnode.engine.sequence import Sequence
 
 Prompt = str | list[int]
 
