@@ -1,0 +1,125 @@
+"""The one schema of `Runtime.status()`: what the socket sends, `splitnode status` prints and the
+dashboard shows. TypedDicts cost nothing on the wire (msgpack still sees dicts) and let a type
+checker follow every key from the runtime to its readers."""
+
+from __future__ import annotations
+
+import statistics
+from typing import TypedDict
+
+
+class Percentiles(TypedDict):
+    p50: float
+    p90: float
+    p99: float
+
+
+class GPUSample(TypedDict, total=False):
+    """NVML's latest reading of the device (see `telemetry.GPUSampler.sample`); `available` False
+    and `reason` say why there is none. Readings NVML cannot give are None, never invented."""
+
+    available: bool
+    reason: str  # only when not available
+    time: float  # time.monotonic() of the reading
+    power_w: float | None
+    power_limit_w: float | None
+    energy_j: float | None  # since the driver loaded
+    util_pct: float | None
+    mem_used_bytes: int | None
+    mem_total_bytes: int | None
+    temp_c: float | None
+    sm_clock_mhz: float | None
+
+
+class DeviceStatus(TypedDict):
+    name: str  # the worker: "cuda:0", "cpu:1", "cuda:0/1" (a second worker on cuda:0)
+    device: str  # the torch device
+    role: str  # "prompt", "token" or "mixed"
+    target_role: str | None  # the role it is moving to, while a change is under way
+    pinned: bool  # set by a person (assign); the autoscaler leaves it alone until released
+    borrowed_from: str | None  # the pool it was borrowed from into the mixed pool
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_reserved: int  # held for prompts prefilled elsewhere that will decode here
+    waiting: int  # sequences with no blocks yet
+    running: int  # sequences holding blocks here
+    arriving: int  # sequences whose KV is on its way here
+    batch_size: int  # sequences in the last batch
+    batch_tokens: int  # tokens in the last batch
+    pending_prompt_tokens: int  # prompt tokens queued in this device's batcher
+    steps: int
+    busy_s: float
+    error: str | None  # why the worker failed (it takes no work)
+    gpu: GPUSample
+
+
+class PoolSignals(TypedDict):
+    """What the autoscaler acts on, computed once (`Autoscaler.signals`) for it and for status."""
+
+    prompt_queue_tokens: int  # prompt tokens queued on prompt workers
+    token_kv_occupancy: float  # used / total KV blocks over token workers
+
+
+class RuntimeInfo(TypedDict):
+    model: str
+    uptime_s: float
+
+
+class InFlight(TypedDict, total=False):
+    request_id: int
+    ttft_s: float
+    e2e_s: float
+    tbt_mean_s: float
+    tbt_max_s: float
+
+
+class RequestsStatus(TypedDict):
+    active: int
+    finished: int
+    num_generated_tokens: int
+    ttft_s: Percentiles | None
+    tbt_s: Percentiles | None  # of each finished request's mean gap
+    in_flight: list[InFlight]
+
+
+class TransfersStatus(TypedDict):
+    num_transfers: int  # layer (or whole-sequence) moves issued
+    num_sequences: int
+    bytes_moved: int
+    seconds: float
+    num_failed: int
+    in_flight: int
+
+
+class PolicyStatus(TypedDict):
+    autoscale: bool
+    borrow_prompt_tokens: int
+    borrow_kv_occupancy: float
+    repurpose_after_s: float
+    layerwise_min_tokens: int
+    transfer_timeout_s: float
+    reservation_lease_s: float
+    max_num_batched_tokens: int
+
+
+class Status(TypedDict):
+    runtime: RuntimeInfo
+    devices: list[DeviceStatus]
+    requests: RequestsStatus
+    transfers: TransfersStatus
+    policy: PolicyStatus
+    signals: PoolSignals
+
+
+def percentiles(values: list[float]) -> Percentiles | None:
+    if not values:
+        return None
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return {"p50": q[49], "p90": q[89], "p99": q[98]}
+
+
+def format_ms(p: Percentiles | None, sep: str = " / ") -> str:
+    """p50/p90/p99 in milliseconds, "-" where there are none yet."""
+    if not p:
+        return "-"
+    return sep.join(f"{p[k] * 1000:.0f}" for k in ("p50", "p90", "p99")) + " ms"
