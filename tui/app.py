@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.reactive import reactive
@@ -29,24 +31,14 @@ from splitnode.tui.load import LoadGenerator
 from splitnode.tui.rates import Rates
 from splitnode.tui.view import COLUMNS, device_cells, header_text, pools_lines, requests_lines, transfers_lines
 
-HELP = """\
-[b]splitnode dashboard[/b]
-
-  ↑ ↓  j k     select a device
-  p  t  x      move it to the prompt / token / mixed role (pinned)
-  P  T  X      the same, in drain mode
-  d            toggle the default between migrate and drain:
-               migrate moves its decodes to another token worker,
-               drain finishes them where they are
-  r            release the pin: the autoscaler may move it again
-  l            start / stop the built-in load generator
-  +  -         load rate up / down (requests per second)
-  ? h          this help        q  quit
-
-A move the runtime refuses (one that would leave a phase without
-workers) shows its reason and changes nothing.
-
-[dim]escape, q, ? or h closes this help[/dim]"""
+# What the keys alone do not say (the keys themselves come from the bindings); one line a
+# paragraph: the help wraps it to its width.
+HELP_PROSE = (
+    "Role changes migrate (the default) or drain: migrate moves the device's decodes to another token "
+    "worker, drain finishes them where they are.\n\n"
+    "A move the runtime refuses (one that would leave a phase without workers) shows its reason and "
+    "changes nothing."
+)
 
 MAX_IN_FLIGHT_ROWS = 200
 
@@ -70,11 +62,50 @@ class StatusFailed(Message):
         self.error = error
 
 
+def key_name(app: App, binding: Binding) -> str:
+    """One key of a binding as the help names it. Not its key_display: that is the footer's label
+    for all of a binding's keys (its "?" stands for h too)."""
+    key = binding.key
+    if key.startswith("shift+") and len(key) == 7:  # shift+p is how some terminals send P
+        key = key[-1].upper()
+    return app.get_key_display(binding.with_key(key))
+
+
+def help_rows(app: App, bindings: Iterable[BindingType]) -> list[tuple[str, str]]:
+    """(keys, what they do) in the order bound; keys that do the same (? and h, P and shift+p) share a
+    row. What they do is the binding's tooltip, else its description: footer labels are terse."""
+    rows: dict[str, list[str]] = {}
+    for binding in Binding.make_bindings(bindings):
+        names = rows.setdefault(binding.tooltip or binding.description, [])
+        if (name := key_name(app, binding)) not in names:
+            names.append(name)
+    return [(" ".join(names), text) for text, names in rows.items()]
+
+
+def help_text(app: App, bindings: Iterable[BindingType], close_keys: list[str]) -> Text:
+    rows = help_rows(app, bindings)
+    width = max(len(keys) for keys, _ in rows)
+    text = Text()
+    text.append("splitnode dashboard", style="bold")
+    text.append("\n\n")
+    for keys, what in rows:
+        text.append(f"  {keys:<{width}}", style="bold")
+        text.append(f"  {what}\n")
+    text.append(f"\n{HELP_PROSE}\n\n")
+    text.append(f"{', '.join(close_keys[:-1])} or {close_keys[-1]} closes this help", style="dim")
+    return text
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark,h", "dismiss", "Close")]
 
+    def __init__(self, bindings: Iterable[BindingType]):
+        super().__init__()
+        self.listed = bindings  # the dashboard's
+
     def compose(self) -> ComposeResult:
-        yield Static(HELP, id="help")
+        close = [key_name(self.app, b) for b in Binding.make_bindings(self.BINDINGS)]
+        yield Static(help_text(self.app, self.listed, close), id="help")
 
 
 class _Notifier(logging.Handler):
@@ -94,21 +125,25 @@ class Dashboard(App):
     CSS_PATH = "dashboard.tcss"
     TITLE = "splitnode"
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark,h", "help", "Help", key_display="?"),
-        Binding("j", "cursor(1)", "Down", show=False),
-        Binding("k", "cursor(-1)", "Up", show=False),
-        Binding("p", "assign('prompt')", "→prompt"),
-        Binding("t", "assign('token')", "→token"),
-        Binding("x", "assign('mixed')", "→mixed"),
-        Binding("P,shift+p", "assign('prompt', 'drain')", "→prompt (drain)", show=False),
-        Binding("T,shift+t", "assign('token', 'drain')", "→token (drain)", show=False),
-        Binding("X,shift+x", "assign('mixed', 'drain')", "→mixed (drain)", show=False),
-        Binding("d", "toggle_mode", "Migrate/drain"),
-        Binding("r", "release", "Unpin"),
-        Binding("l", "toggle_load", "Load"),
-        Binding("plus,equals_sign", "load_rate(1)", "Rate+", key_display="+"),
-        Binding("minus", "load_rate(-1)", "Rate-", key_display="-"),
+        Binding("q", "quit", "Quit", tooltip="Quit (under splitnode up, the runtime stops too)"),
+        Binding("question_mark,h", "help", "Help", key_display="?", tooltip="This help"),
+        Binding("j", "cursor(1)", "Select a device (as ↓ ↑ do)", show=False),  # ↓ ↑: the table's own
+        Binding("k", "cursor(-1)", "Select a device (as ↓ ↑ do)", show=False),
+        Binding("p", "assign('prompt')", "→prompt", tooltip="Move the selected device to the prompt role, pinned"),
+        Binding("t", "assign('token')", "→token", tooltip="Move the selected device to the token role, pinned"),
+        Binding("x", "assign('mixed')", "→mixed", tooltip="Move the selected device to the mixed role, pinned"),
+        Binding("P,shift+p", "assign('prompt', 'drain')", "→prompt (drain)", show=False,
+                tooltip="The same as p, in drain mode"),
+        Binding("T,shift+t", "assign('token', 'drain')", "→token (drain)", show=False,
+                tooltip="The same as t, in drain mode"),
+        Binding("X,shift+x", "assign('mixed', 'drain')", "→mixed (drain)", show=False,
+                tooltip="The same as x, in drain mode"),
+        Binding("d", "toggle_mode", "Migrate/drain", tooltip="Toggle how p, t and x move: migrate or drain"),
+        Binding("r", "release", "Unpin", tooltip="Release the pin: the autoscaler may move the device again"),
+        Binding("l", "toggle_load", "Load", tooltip="Start / stop the built-in load generator"),
+        Binding("plus,equals_sign", "load_rate(1)", "Rate+", key_display="+",
+                tooltip="Load rate up (requests per second)"),
+        Binding("minus", "load_rate(-1)", "Rate-", key_display="-", tooltip="Load rate down"),
     ]
 
     mode: reactive[str] = reactive("migrate")
@@ -116,15 +151,16 @@ class Dashboard(App):
     sample: reactive[dict | None] = reactive(None, always_update=True)
     error: reactive[str | None] = reactive(None)
 
-    def __init__(self, backend: Backend, poll_s: float = 0.25, load: bool = False, load_rate: float = 4.0):
+    def __init__(self, backend: Backend, poll_s: float = 0.25, load: bool = False, load_rate: float = 4.0,
+                 clock=time.monotonic):
         super().__init__()
+        self.clock = clock  # when each sample was taken, for the rates; tests fix it
         self._load_at_start = load
         self.backend = backend
         self.poll_s = poll_s
         self.load = LoadGenerator(backend, rate=load_rate)
         self.rates = Rates()
         self._session = backend.session
-        self.device_names: list[str] = []
         self._notifier: _Notifier | None = None
 
     def compose(self) -> ComposeResult:
@@ -167,7 +203,7 @@ class Dashboard(App):
             except Exception as e:  # the server went away, say: show it, keep trying
                 self.post_message(StatusFailed(str(e) or type(e).__name__))
             else:
-                self.post_message(StatusSampled(status, time.monotonic(), self.backend.session))
+                self.post_message(StatusSampled(status, self.clock(), self.backend.session))
             await asyncio.sleep(self.poll_s)
 
     @on(StatusSampled)
@@ -200,8 +236,7 @@ class Dashboard(App):
         for dev in status["devices"]:
             busy = self.rates.device_rate(dev["name"], lambda d: d["busy_s"])
             cells = device_cells(dev, busy)
-            if dev["name"] not in self.device_names:
-                self.device_names.append(dev["name"])
+            if dev["name"] not in table.rows:
                 table.add_row(*(cells[key] for key, _, _ in COLUMNS), key=dev["name"])
                 continue
             for key, _, width in COLUMNS:
@@ -237,8 +272,10 @@ class Dashboard(App):
     # -- acting -----------------------------------------------------------------------------------------
 
     def selected_device(self) -> str | None:
-        row = self.query_one("#devices", DataTable).cursor_row
-        return self.device_names[row] if 0 <= row < len(self.device_names) else None
+        table = self.query_one("#devices", DataTable)
+        if not table.is_valid_row_index(table.cursor_row):
+            return None
+        return table.ordered_rows[table.cursor_row].key.value
 
     def action_cursor(self, step: int) -> None:
         table = self.query_one("#devices", DataTable)
@@ -296,4 +333,4 @@ class Dashboard(App):
         self._show_header()
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen())
+        self.push_screen(HelpScreen(self.BINDINGS))

@@ -38,7 +38,6 @@ class LoadGenerator:
         self.num_sent = 0
         self.num_done = 0
         self.num_failed = 0
-        self.last_error: str | None = None
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -77,8 +76,7 @@ class LoadGenerator:
                 pass
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the runtime refused or failed this one: count it, keep going
+        except Exception:  # the runtime refused or failed this one: count it, keep going
             self.num_failed += 1
-            self.last_error = str(e)
         else:
             self.num_done += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
+from splitnode.runtime.status import PoolSignals, format_ms
 from splitnode.tui.rates import Rates
 
 ROLE_STYLE = {"prompt": "bold magenta", "token": "bold cyan", "mixed": "bold yellow"}
@@ -107,16 +108,26 @@ def header_text(status: dict, where: str, mode: str, load: str) -> Text:
     return text
 
 
-def pools_lines(status: dict) -> str:
-    devs, pol = status["devices"], status.get("policy") or {}
-    counts = {r: [d["name"] for d in devs if d["role"] == r] for r in ROLE_STYLE}
-    prompt_queue = sum(d["pending_prompt_tokens"] for d in devs if d["role"] == "prompt")
+def pool_signals(status: dict) -> PoolSignals:
+    """The autoscaler's signals as the runtime computed them. An older server over the socket sends
+    none: then they are worked out from its devices, as the autoscaler does."""
+    if "signals" in status:
+        return status["signals"]
+    devs = status["devices"]
     token = [d for d in devs if d["role"] == "token"]
     total = sum(d["kv_blocks_total"] for d in token)
-    occupancy = sum(d["kv_blocks_used"] for d in token) / total if total else 0.0
+    return {
+        "prompt_queue_tokens": sum(d["pending_prompt_tokens"] for d in devs if d["role"] == "prompt"),
+        "token_kv_occupancy": sum(d["kv_blocks_used"] for d in token) / total if total else 0.0,
+    }
+
+
+def pools_lines(status: dict) -> str:
+    devs, pol, sig = status["devices"], status.get("policy") or {}, pool_signals(status)
+    counts = {r: [d["name"] for d in devs if d["role"] == r] for r in ROLE_STYLE}
     lines = [f"{r:<6} {len(names)}  {' '.join(names)}" for r, names in counts.items()]
-    lines.append(f"prompt queue {prompt_queue:>5} tok  borrow>{pol.get('borrow_prompt_tokens', '?')}")
-    lines.append(f"token KV     {occupancy:>5.0%}      borrow>{pol.get('borrow_kv_occupancy', 0):.0%}")
+    lines.append(f"prompt queue {sig['prompt_queue_tokens']:>5} tok  borrow>{pol.get('borrow_prompt_tokens', '?')}")
+    lines.append(f"token KV     {sig['token_kv_occupancy']:>5.0%}      borrow>{pol.get('borrow_kv_occupancy', 0):.0%}")
     borrowed = [f"{d['name']}({d['borrowed_from']})" for d in devs if d.get("borrowed_from")]
     pinned = [d["name"] for d in devs if d.get("pinned")]
     lines.append(f"autoscale {'on' if pol.get('autoscale') else 'off'}  borrowed {' '.join(borrowed) or '-'}")
@@ -137,12 +148,6 @@ def transfers_lines(status: dict, rates: Rates) -> str:
     ])
 
 
-def _pcts(p: dict | None) -> str:
-    if not p:
-        return "-"
-    return " / ".join(f"{p[k] * 1000:.0f}" for k in ("p50", "p90", "p99")) + " ms"
-
-
 def requests_lines(status: dict, rates: Rates) -> str:
     r = status["requests"]
     tok = rates.rate(lambda s: s["requests"].get("num_generated_tokens"))
@@ -150,8 +155,8 @@ def requests_lines(status: dict, rates: Rates) -> str:
     lines = [
         f"active {r['active']}   finished {r['finished']}  ({'-' if done is None else f'{done:.1f}'}/s)",
         f"throughput  {'-' if tok is None else f'{tok:.0f}'} tok/s",
-        f"TTFT p50/90/99  {_pcts(r.get('ttft_s'))}",
-        f"TBT  p50/90/99  {_pcts(r.get('tbt_s'))}",
+        f"TTFT p50/90/99  {format_ms(r.get('ttft_s'))}",
+        f"TBT  p50/90/99  {format_ms(r.get('tbt_s'))}",
         f"energy  {energy_line(status, rates, tok)}",
     ]
     return "\n".join(lines)

@@ -4,11 +4,11 @@ notification, and the load generator sends real requests."""
 
 from __future__ import annotations
 
+from polling import wait_for
 from textual.notifications import Notify
 
 from splitnode.tui.app import Dashboard, HelpScreen
 from splitnode.tui.backend import LocalBackend, RemoteBackend
-from polling import wait_for
 
 SIZE = (120, 35)
 
