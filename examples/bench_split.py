@@ -17,7 +17,7 @@ import statistics
 import time
 
 from splitnode import SamplingParams
-from splitnode.runtime.runtime import Runtime, RuntimeConfig, default_roles, parse_devices
+from splitnode.runtime import Runtime, RuntimeConfig, default_roles, parse_devices
 
 
 def pct(values, q):
@@ -69,7 +69,7 @@ def main() -> None:
     devices = parse_devices(args.devices)
     configs = {
         "split " + "/".join(default_roles(devices).values()): default_roles(devices),
-        "colocated (all mixed)": {d: "mixed" for d in devices},
+        "colocated (all mixed)": dict.fromkeys(devices, "mixed"),
     }
     print(f"{args.num_requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, "
           f"outputs {args.max_tokens[0]}-{args.max_tokens[1]}, devices {','.join(devices)}, rate {args.rate or 'burst'}")

@@ -62,9 +62,9 @@ def main() -> int:
         print("no CUDA")
         return 0
     from splitnode import LLM, SamplingParams
-    from splitnode.engine.engine import Engine
     from splitnode.engine.config import EngineConfig
-    from splitnode.runtime.runtime import Runtime, RuntimeConfig
+    from splitnode.engine.engine import Engine
+    from splitnode.runtime import Runtime, RuntimeConfig
 
     ok = True
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)

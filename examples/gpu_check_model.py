@@ -1,10 +1,14 @@
-import sys, tempfile
+import sys
+import tempfile
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, "tests")
 from conftest import _write_hf_checkpoint
-from splitnode.model import AttentionContext, PrefillChunk, load_model, demo_model_path
 from transformers import AutoModelForCausalLM
+
+from splitnode.model import AttentionContext, PrefillChunk, demo_model_path, load_model
 
 dev = "cuda"
 ids = [256] + list(b"The quick brown fox jumps over the lazy dog, 12345 times!")

@@ -12,7 +12,7 @@ import types
 import typing
 
 from splitnode.engine.config import EngineConfig
-from splitnode.runtime.runtime import RuntimeConfig
+from splitnode.runtime import RuntimeConfig
 
 # Help for EngineConfig fields; a field added later without an entry still gets a flag.
 ENGINE_HELP = {

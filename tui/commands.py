@@ -28,22 +28,14 @@ def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
-    from splitnode.api import protocol as p
-    from splitnode.api.commands import parse_roles
-    from splitnode.runtime.runtime import RuntimeConfig, run_event_loop
+    from splitnode.api.commands import run_server
 
-    config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles),
-                           autoscale=args.autoscale, **engine_kwargs)  # bad values fail here, before loading
-    try:
-        return run_event_loop(_up(config, args.socket or p.default_socket_path(), args.load))
-    except (p.SocketInUse, PermissionError, FileExistsError) as e:
-        print(f"splitnode up: error: {e}", file=sys.stderr)
-        return 2
+    return run_server("up", lambda config, path: _up(config, path, args.load), args, engine_kwargs)
 
 
 def dash(args: argparse.Namespace) -> int:
     from splitnode.api import protocol as p
-    from splitnode.runtime.runtime import run_event_loop
+    from splitnode.runtime import run_event_loop
 
     try:
         return run_event_loop(_dash(args.socket or p.default_socket_path()))

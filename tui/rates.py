@@ -4,7 +4,7 @@ busy seconds), each over the last couple of seconds so a single slow poll does n
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 
 class Rates:

@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 from splitnode.api import protocol as p
 from splitnode.engine.outputs import RequestOutput
@@ -40,7 +40,7 @@ class Client:
         a new one)."""
         return self._error
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         await self.connect()
         return self
 

@@ -50,14 +50,21 @@ def parse_roles(spec: str | None) -> dict[str, str] | None:
 
 
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
-    from splitnode.runtime.runtime import RuntimeConfig, run_event_loop
+    return run_server("serve", _serve, args, engine_kwargs)
+
+
+def run_server(command: str, main, args: argparse.Namespace, engine_kwargs: dict) -> int:
+    """`serve` and `up`: the RuntimeConfig from the flags (bad values fail here, before the model
+    loads), then `main(config, socket_path)` on the event loop, and the start-up errors that are
+    the user's to fix as one line and exit 2."""
+    from splitnode.runtime import RuntimeConfig, run_event_loop
 
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
-                           **engine_kwargs)  # bad values fail here, before the model loads
+                           **engine_kwargs)
     try:
-        return run_event_loop(_serve(config, args.socket or p.default_socket_path()))
+        return run_event_loop(main(config, args.socket or p.default_socket_path()))
     except (p.SocketInUse, PermissionError, FileExistsError) as e:
-        print(f"splitnode serve: error: {e}", file=sys.stderr)
+        print(f"splitnode {command}: error: {e}", file=sys.stderr)
         return 2
     except (asyncio.CancelledError, KeyboardInterrupt):
         print("splitnode: interrupted", file=sys.stderr)
@@ -72,7 +79,7 @@ async def serving(config, path: Path, worker_progress: bool = False):
     worker's load line (the runtime logs them), for a caller about to hand the terminal to a
     dashboard."""
     from splitnode.api import server
-    from splitnode.runtime.runtime import Runtime
+    from splitnode.runtime import Runtime
 
     server.prepare_socket_dir(path)
     await server.check_socket_free(path)
@@ -191,6 +198,8 @@ def release(args: argparse.Namespace) -> int:
 
 
 def format_status(st: dict) -> str:
+    from splitnode.runtime.status import format_ms
+
     header = ("DEVICE", "ROLE", "PIN", "KV USED/TOTAL", "RESERVED", "WAITING", "RUNNING", "ARRIVING", "BATCH")
     rows = []
     for d in st["devices"]:
@@ -207,12 +216,8 @@ def format_status(st: dict) -> str:
         if d.get("error"):
             lines.append(f"{d['name']} failed: {d['error']}")
     req = st["requests"]
-
-    def pcts(q):
-        return "-" if not q else "/".join(f"{q[k] * 1000:.0f}" for k in ("p50", "p90", "p99")) + " ms"
-
-    lines.append(f"requests: {req['active']} active, {req['finished']} finished; "
-                 f"TTFT p50/p90/p99 {pcts(req.get('ttft_s'))}; TBT {pcts(req.get('tbt_s'))}")
+    ttft, tbt = (format_ms(req.get(key), sep="/") for key in ("ttft_s", "tbt_s"))
+    lines.append(f"requests: {req['active']} active, {req['finished']} finished; TTFT p50/p90/p99 {ttft}; TBT {tbt}")
     t = st["transfers"]
     lines.append(f"transfers: {t['num_sequences']} sequences, {t['num_transfers']} moves, "
                  f"{t['bytes_moved'] / 2**20:.1f} MiB, {t['num_failed']} failed, {t['in_flight']} in flight")

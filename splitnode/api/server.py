@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 
 from splitnode.api import protocol as p
-from splitnode.runtime.runtime import Runtime
+from splitnode.runtime import Runtime
 
 log = logging.getLogger("splitnode.api")
 
@@ -138,7 +138,7 @@ class Server:
         self._inode: tuple[int, int] | None = None
         self._lock_fd: int | None = None
 
-    async def __aenter__(self) -> "Server":
+    async def __aenter__(self) -> Server:
         await self.start()
         return self
 

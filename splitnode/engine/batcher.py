@@ -14,13 +14,28 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
 from splitnode.engine.config import EngineConfig
 from splitnode.engine.kv import BlockPool
-from splitnode.engine.sequence import Sequence, SeqStatus
+from splitnode.engine.sequence import SeqStatus, Sequence
 
-# role -> (runs prefill chunks, runs decodes)
-PHASES = {"prompt": (True, False), "token": (True, True), "mixed": (True, True)}
+
+class Role(str, Enum):
+    """What a worker runs. Every role runs prefill chunks: a token worker recomputes the ones it
+    holds (a preempted decode, a request whose KV transfer failed)."""
+
+    PROMPT = "prompt"
+    TOKEN = "token"
+    MIXED = "mixed"
+
+    @property
+    def takes_prompts(self) -> bool:  # the router may send it fresh prompts
+        return self is not Role.TOKEN
+
+    @property
+    def decodes(self) -> bool:
+        return self is not Role.PROMPT
 
 
 @dataclass
@@ -39,8 +54,26 @@ class Batch:
         return sum(self.chunk_lens)
 
 
+@dataclass
+class _Budget:
+    """What one batch has left (new tokens, sequences), and the sequences it took so far: those are
+    never preempted to make room for another."""
+
+    num_tokens: int
+    num_seqs: int
+    taken: set[int] = field(default_factory=set)  # seq ids
+
+    def fits(self) -> bool:
+        return self.num_tokens > 0 and self.num_seqs > 0
+
+    def take(self, seq: Sequence, num_tokens: int) -> None:
+        self.num_tokens -= num_tokens
+        self.num_seqs -= 1
+        self.taken.add(seq.seq_id)
+
+
 class Batcher:
-    def __init__(self, config: EngineConfig, pool: BlockPool, role: str = "mixed"):
+    def __init__(self, config: EngineConfig, pool: BlockPool, role: Role | str = Role.MIXED):
         self.config = config
         self.pool = pool
         self.role = role
@@ -66,6 +99,14 @@ class Batcher:
         self.pool.release(seq)
 
     @property
+    def role(self) -> Role:
+        return self._role
+
+    @role.setter
+    def role(self, role: Role | str) -> None:
+        self._role = Role(role)
+
+    @property
     def num_pending_prompt_tokens(self) -> int:
         # Read from the event loop too (routing, policy, status) while the worker changes both
         # queues: iterate snapshots (list() of a deque or list is one step under the GIL).
@@ -73,81 +114,86 @@ class Batcher:
             s.num_pending for s in list(self.running) if not s.is_decode)
 
     def has_work(self) -> bool:
-        prefill, decode = PHASES[self.role]
-        return bool((prefill and (self.waiting or any(not s.is_decode for s in self.running)))
-                    or (decode and any(s.is_decode for s in self.running)))
+        return bool(self.waiting or any(not s.is_decode for s in self.running)
+                    or (self.role.decodes and any(s.is_decode for s in self.running)))
 
     def schedule(self) -> Batch:
-        prefill_ok, decode_ok = PHASES[self.role]
-        budget = self.config.max_num_batched_tokens
-        slots = self.config.max_num_seqs
-        decodes: list[Sequence] = []
-        chunks: list[tuple[Sequence, int]] = []
-        chosen: set[int] = set()
-
-        def add_decode(seq: Sequence) -> bool:
-            nonlocal budget, slots
-            while not self.pool.can_grow(seq, seq.num_tokens):
-                victim = self._victim(exclude=chosen)
-                if victim is None:
-                    return False
-                self._preempt(victim)
-                if victim is seq:
-                    return False
-            self.pool.grow(seq, seq.num_tokens)
-            decodes.append(seq)
-            chosen.add(seq.seq_id)
-            budget -= 1
-            slots -= 1
-            return True
-
-        ready = [s for s in self.running if s.is_decode] if decode_ok else []
-        ready.sort(key=lambda s: -s.num_skipped)  # stable: older first among equals
-        if self.role == "mixed":
-            urgent = [s for s in ready if s.num_skipped >= self.config.decode_max_skips]
-        else:
-            urgent = ready
-        for seq in urgent:
-            if budget <= 0 or slots <= 0:
-                break
-            if seq.status is SeqStatus.RUNNING:
-                add_decode(seq)
-
-        if prefill_ok:
-            candidates = [s for s in self.running if not s.is_decode] + list(self.waiting)
-            for seq in candidates:
-                if budget <= 0 or slots <= 0:
-                    break
-                n = min(seq.num_pending, budget)
-                if seq.status is SeqStatus.RUNNING:  # mid-prefill: newer sequences make room
-                    while not self.pool.can_grow(seq, seq.num_computed + n):
-                        victim = self._victim(exclude=chosen | {seq.seq_id})
-                        if victim is None or victim.arrival_time < seq.arrival_time:
-                            break
-                        self._preempt(victim)
-                if not self.pool.can_grow(seq, seq.num_computed + n):
-                    break  # FCFS: later prompts wait behind this one
-                if seq.status is SeqStatus.WAITING:
-                    self.waiting.remove(seq)
-                    seq.status = SeqStatus.RUNNING
-                    self._insert_running(seq)
-                self.pool.grow(seq, seq.num_computed + n)
-                chunks.append((seq, n))
-                chosen.add(seq.seq_id)
-                budget -= n
-                slots -= 1
-
-        for seq in ready:
-            if seq.seq_id in chosen or seq.status is not SeqStatus.RUNNING:
-                continue
-            if budget <= 0 or slots <= 0 or not add_decode(seq):
-                break
-        for seq in ready:
-            seq.num_skipped = 0 if seq.seq_id in chosen else seq.num_skipped + 1
-
-        chunks = [(s, n) for s, n in chunks if s.status is SeqStatus.RUNNING]
-        decodes = [s for s in decodes if s.status is SeqStatus.RUNNING]
+        budget = _Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        ready = self._ready_decodes()
+        decodes = self._schedule_decodes(self._urgent(ready), budget, past_a_miss=True)
+        chunks = self._schedule_prefills(budget)
+        decodes += self._schedule_decodes(ready, budget, past_a_miss=False)
+        for seq in ready:  # ageing: a decode left out moves up
+            seq.num_skipped = 0 if seq.seq_id in budget.taken else seq.num_skipped + 1
+        # Victims are never taken from the batch (`budget.taken`): everything in it still runs.
         return Batch(decodes + [s for s, _ in chunks], [1] * len(decodes) + [n for _, n in chunks], len(decodes))
+
+    def _ready_decodes(self) -> list[Sequence]:
+        """The running decodes, longest skipped first (stable: older first among equals)."""
+        if not self.role.decodes:
+            return []
+        return sorted((s for s in self.running if s.is_decode), key=lambda s: -s.num_skipped)
+
+    def _urgent(self, ready: list[Sequence]) -> list[Sequence]:
+        """The decodes that go before the prompts: in a mixed batch, those left out of
+        `decode_max_skips` batches; otherwise all."""
+        if self.role is not Role.MIXED:
+            return ready
+        return [s for s in ready if s.num_skipped >= self.config.decode_max_skips]
+
+    def _schedule_decodes(self, seqs: list[Sequence], budget: _Budget, past_a_miss: bool) -> list[Sequence]:
+        """The decodes of seqs that fit, in order. One that finds no room ends the pass unless
+        `past_a_miss` (urgent decodes: the next may not need a new block)."""
+        decodes = []
+        for seq in seqs:
+            if not budget.fits():
+                break
+            if seq.seq_id in budget.taken or seq.status is not SeqStatus.RUNNING:  # scheduled, or preempted
+                continue
+            if self._make_room(seq, seq.num_tokens, budget):
+                self.pool.grow(seq, seq.num_tokens)
+                decodes.append(seq)
+                budget.take(seq, 1)
+            elif not past_a_miss:
+                break
+        return decodes
+
+    def _schedule_prefills(self, budget: _Budget) -> list[tuple[Sequence, int]]:
+        """Prefill chunks FCFS (those under way, then the waiting ones) while the budget lasts."""
+        chunks = []
+        for seq in [s for s in self.running if not s.is_decode] + list(self.waiting):
+            if not budget.fits():
+                break
+            n = min(seq.num_pending, budget.num_tokens)
+            end = seq.num_computed + n
+            if seq.status is SeqStatus.RUNNING:  # mid-prefill: newer sequences make room
+                fits = self._make_room(seq, end, budget, only_newer=True)
+            else:
+                fits = self.pool.can_grow(seq, end)
+            if not fits:
+                break  # FCFS: later prompts wait behind this one
+            if seq.status is SeqStatus.WAITING:
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.RUNNING
+                self._insert_running(seq)
+            self.pool.grow(seq, end)
+            chunks.append((seq, n))
+            budget.take(seq, n)
+        return chunks
+
+    def _make_room(self, seq: Sequence, num_tokens: int, budget: _Budget, only_newer: bool = False) -> bool:
+        """Preempts running sequences outside the batch until seq's blocks can cover `num_tokens`.
+        `only_newer`: only those that arrived after seq, and never seq itself. False if there is
+        no room (or seq itself was preempted)."""
+        exclude = budget.taken | {seq.seq_id} if only_newer else budget.taken
+        while not self.pool.can_grow(seq, num_tokens):
+            victim = self._victim(exclude)
+            if victim is None or (only_newer and victim.arrival_time < seq.arrival_time):
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _insert_running(self, seq: Sequence) -> None:
         i = len(self.running)

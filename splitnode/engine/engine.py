@@ -1,24 +1,27 @@
 """One device's engine: model replica, paged KV pool, batcher and runner.
 
-`step()` is the whole loop: schedule -> run -> postprocess. The single-device `LLM` drives one
-engine in the `mixed` role; the multi-device runtime gives each worker one engine with its role.
+`step()` is the whole loop: `schedule()` a batch, then `execute()` it (run the model, sample,
+record). The single-device `LLM` drives one engine in the `mixed` role; the multi-device runtime
+gives each worker one engine with its role.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
 import torch
 
 from splitnode.engine.batcher import Batch, Batcher
 from splitnode.engine.config import EngineConfig
 from splitnode.engine.kv import BlockPool, allocate_kv_cache, kv_cache_bytes_per_block, layer_views
-from splitnode.model.loader import load_model
 from splitnode.engine.model_runner import ModelRunner
-from splitnode.engine.sampling import SamplingParams, sample, top_logprobs
-from splitnode.engine.sequence import Sequence, SeqStatus
+from splitnode.engine.sampling import Logprob, SamplingParams, sample, top_logprobs
+from splitnode.engine.sequence import Sequence
+from splitnode.model.attention import LayerHook
+from splitnode.model.loader import load_model
 
 log = logging.getLogger("splitnode")
 
@@ -36,12 +39,19 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return checkpoint_dtype or torch.bfloat16
-    return getattr(torch, dtype)
+def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int, limit: str) -> None:
+    """Rejects a request whose prompt + max_tokens passes max_model_len; `limit` says whose it is."""
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                         f"the maximum model length {max_model_len} ({limit})")
+
+
+class _SeqRows(NamedTuple):
+    """Where one sequence's logits are among the rows the runner returns."""
+
+    prompt: list[int]  # rows scoring prompt tokens not scored yet (prompt logprobs)
+    sample: int | None  # the row to sample its next token from; None: the chunk ends mid-prompt
 
 
 class Engine:
@@ -86,110 +96,102 @@ class Engine:
             raise RuntimeError(f"no memory left for the KV cache on {self.device} after loading the model")
         return int(budget // per_block)
 
-    @property
-    def role(self) -> str:
-        return self.batcher.role
-
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Rejects, before anything is queued, a request that could never run here."""
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
         params.check_vocab(self.model_config.vocab_size)
-        total = num_prompt_tokens + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the maximum model length {self.max_model_len} (the model's limit, capped by the KV pool "
-                f"of {self.pool.num_blocks} blocks x {self.pool.block_size} tokens)")
+        check_length(num_prompt_tokens, params.max_tokens, self.max_model_len,
+                     f"the model's limit, capped by the KV pool of {self.pool.num_blocks} blocks x "
+                     f"{self.pool.block_size} tokens")
 
     def add(self, seq: Sequence) -> None:
         self.batcher.add(seq)
 
     def abort(self, seq: Sequence) -> None:
         self.batcher.remove(seq)
-        seq.status = SeqStatus.FINISHED
-        seq.finish_reason = seq.finish_reason or "abort"
+        seq.finish(seq.finish_reason or "abort")  # one that finished already keeps its reason
 
     def has_work(self) -> bool:
         return self.batcher.has_work()
 
-    def step(self, hook_for: Callable[[Batch], Callable[[int], None] | None] | None = None,
-             ) -> tuple[Batch, list[Sequence]]:
-        """Runs one batch. Returns it and the sequences that got a token in it (finished ones are
-        already out of the batcher, their blocks free). `hook_for(batch)` may give a per-layer
-        hook for the forward (the runtime's layer-wise KV transfer)."""
+    def schedule(self) -> Batch:
         with self.pool.lock:  # other threads reserve blocks here: check-then-allocate is atomic
-            batch = self.batcher.schedule()
+            return self.batcher.schedule()
+
+    def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[Sequence]:
+        """Runs a scheduled (non-empty) batch. Returns the sequences that got a token in it
+        (finished ones are already out of the batcher, their blocks free)."""
+        rows, plan = self._logit_rows(batch)
+        logits = self.runner.run(batch, rows, layer_hook)
+        self._record_prompt_logprobs(batch, logits, plan)
+        for seq, n in zip(batch.seqs, batch.chunk_lens):
+            seq.num_computed += n  # the chunk's K/V is in the cache now
+        return self._append_tokens(batch, logits, plan)
+
+    def step(self, hook_for: Callable[[Batch], LayerHook | None] | None = None) -> tuple[Batch, list[Sequence]]:
+        """Schedules and runs one batch; returns it and what `execute` returns. `hook_for(batch)`
+        may give a per-layer hook for the forward (the runtime's layer-wise KV transfer)."""
+        batch = self.schedule()
         if not batch:
             return batch, []
-        rows, plan = self._logit_rows(batch)
-        logits = self.runner.run(batch, rows, hook_for(batch) if hook_for else None)
-        return batch, self._postprocess(batch, logits, plan)
+        return batch, self.execute(batch, hook_for(batch) if hook_for else None)
 
-    def _logit_rows(self, batch: Batch):
+    def _logit_rows(self, batch: Batch) -> tuple[list[int], list[_SeqRows]]:
         """Which flat-batch rows need logits: the last row of every chunk that completes its
         sequence (to sample), and the prompt rows whose prompt logprobs are not recorded yet."""
         rows: list[int] = []
-        plan: list[tuple[list[int], int | None]] = []  # per seq: prompt-logprob rows, sample row
+        plan: list[_SeqRows] = []
         offset = 0
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             start = seq.num_computed
-            plp: list[int] = []
+            prompt: list[int] = []
             if seq.prompt_logprobs is not None:
                 # row at position p predicts prompt token p + 1; record each prompt token once
                 first = max(start, len(seq.prompt_logprobs) - 1)
                 for p in range(first, min(start + n, seq.num_prompt_tokens - 1)):
-                    plp.append(len(rows))
+                    prompt.append(len(rows))
                     rows.append(offset + p - start)
-            srow = None
+            sample_row = None
             if start + n == seq.num_tokens:
-                srow = len(rows)
+                sample_row = len(rows)
                 rows.append(offset + n - 1)
-            plan.append((plp, srow))
+            plan.append(_SeqRows(prompt, sample_row))
             offset += n
         return rows, plan
 
-    def _postprocess(self, batch: Batch, logits: torch.Tensor, plan) -> list[Sequence]:
-        sample_idx = [srow for _, srow in plan if srow is not None]
-        sampled_seqs = [s for s, (_, srow) in zip(batch.seqs, plan) if srow is not None]
-        if sample_idx:
-            sl = logits[sample_idx]
-            tokens = sample(sl, [s.params for s in sampled_seqs], [s.token_ids for s in sampled_seqs],
-                            [s.generator for s in sampled_seqs])
-            k = max((s.params.logprobs or 0) for s in sampled_seqs)
-            want_lp = any(s.logprobs is not None for s in sampled_seqs)
-            lps = top_logprobs(torch.log_softmax(sl, dim=-1), tokens, k) if want_lp else None
-            tokens = tokens.tolist()
-        out: list[Sequence] = []
-        j = 0
-        for seq, n, (plp, srow) in zip(batch.seqs, batch.chunk_lens, plan):
-            if plp:
-                seq_rows = logits[plp]
-                targets = torch.tensor(seq.prompt_token_ids[len(seq.prompt_logprobs):][: len(plp)],
-                                       device=seq_rows.device)
-                seq.prompt_logprobs.extend(
-                    _trim(top_logprobs(torch.log_softmax(seq_rows, dim=-1), targets, seq.params.prompt_logprobs),
-                          seq.params.prompt_logprobs))
-            seq.num_computed += n
-            if srow is None:
-                continue
+    def _record_prompt_logprobs(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> None:
+        for seq, r in zip(batch.seqs, plan):
+            if r.prompt:
+                done = len(seq.prompt_logprobs)
+                targets = torch.tensor(seq.prompt_token_ids[done:done + len(r.prompt)], device=logits.device)
+                lps = torch.log_softmax(logits[r.prompt], dim=-1)
+                seq.prompt_logprobs.extend(top_logprobs(lps, targets, seq.params.prompt_logprobs))
+
+    def _append_tokens(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> list[Sequence]:
+        """Samples the next token of every sequence whose chunk reached its end and appends it."""
+        seqs = [s for s, r in zip(batch.seqs, plan) if r.sample is not None]
+        if not seqs:
+            return []
+        rows = logits[[r.sample for r in plan if r.sample is not None]]
+        tokens = sample(rows, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+        lps = None
+        if any(s.logprobs is not None for s in seqs):
+            k = max((s.params.logprobs or 0) for s in seqs)
+            lps = top_logprobs(torch.log_softmax(rows, dim=-1), tokens, k)
+        for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             if seq.logprobs is not None:
-                seq.logprobs.append(_trim([lps[j]], seq.params.logprobs)[0])
-            seq.append_token(tokens[j])
-            j += 1
-            if seq.finish_reason is not None:
+                seq.logprobs.append(_trim(lps[j], seq.params.logprobs))
+            seq.append_token(token)
+            if seq.finish_reason is not None:  # a stop id, or max_tokens
                 self.batcher.remove(seq)
-                seq.status = SeqStatus.FINISHED
-            out.append(seq)
-        return out
+                seq.finish(seq.finish_reason)
+        return seqs
 
 
-def _trim(rows, k: int):
+def _trim(row: dict[int, Logprob], k: int) -> dict[int, Logprob]:
     """top_logprobs ran with the batch's largest k: keep this request's k (plus its own token)."""
-    trimmed = []
-    for d in rows:
-        items = list(d.items())
-        keep = dict(items[: 1])
-        keep.update({t: lp for t, lp in items[1:] if lp.rank <= k})
-        trimmed.append(keep)
-    return trimmed
+    items = list(row.items())
+    keep = dict(items[:1])
+    keep.update({t: lp for t, lp in items[1:] if lp.rank <= k})
+    return keep

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import itertools
+import random
 import threading
 from collections import deque
-from typing import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from splitnode.engine.config import EngineConfig
 from splitnode.engine.engine import Engine, resolve_model_path
-from splitnode.model.tokenizer import Tokenizer
-from splitnode.engine.outputs import RequestOutput, RequestState
+from splitnode.engine.outputs import Prompt, RequestOutput, RequestState, new_request
 from splitnode.engine.sampling import SamplingParams
 from splitnode.engine.sequence import Sequence
-
-Prompt = str | list[int]
+from splitnode.model.tokenizer import Tokenizer
 
 
 def normalize_prompts(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
@@ -32,6 +32,14 @@ def normalize_prompts(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     return prompts
 
 
+@dataclass(eq=False)
+class _Change:
+    """A request added, or aborted, by the event loop for the thread that steps the engine."""
+
+    seq: Sequence
+    abort: bool = False
+
+
 class LLM:
     """One model on one device. `LLM()` alone runs the demo model on the CPU."""
 
@@ -43,27 +51,20 @@ class LLM:
         self._ids = itertools.count()
         self._seeds = random.Random(self.config.seed)  # seeds of unseeded requests: runs repeat
         self._lock = threading.Lock()  # the engine is stepped by one thread at a time
-        self._inbox: deque = deque()  # adds and aborts from the event loop, applied between steps
+        self._inbox: deque[_Change] = deque()  # from the event loop, applied between steps in order
         self._queues: dict[int, asyncio.Queue] = {}
         self._stream_states: dict[int, RequestState] = {}
         self._pump: asyncio.Task | None = None
 
     def _new_request(self, prompt: Prompt, params: SamplingParams) -> RequestState:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        vocab = self.engine.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        self.engine.check_request(len(ids), params)
-        rid = next(self._ids)
-        seq = Sequence(rid, ids, params, frozenset(self.tokenizer.eos_token_ids),
-                       default_seed=self._seeds.getrandbits(63))
-        return RequestState(rid, prompt if isinstance(prompt, str) else None, seq, self.tokenizer)
+        return new_request(next(self._ids), prompt, params, self.tokenizer, self.engine,
+                           default_seed=self._seeds.getrandbits(63))
 
     def _step(self) -> list[RequestOutput]:
         with self._lock:
             while self._inbox:
-                op, seq = self._inbox.popleft()
-                self.engine.add(seq) if op == "add" else self.engine.abort(seq)
+                change = self._inbox.popleft()
+                self.engine.abort(change.seq) if change.abort else self.engine.add(change.seq)
             _, seqs = self.engine.step()
         return seqs
 
@@ -96,7 +97,7 @@ class LLM:
         by_id = {st.seq.seq_id: st for st in states}
         final: dict[int, RequestOutput] = {}
         for st in states:
-            self._inbox.append(("add", st.seq))
+            self._inbox.append(_Change(st.seq))
         while len(final) < len(states):
             for ev in self._events(by_id, self._step()):
                 if ev.finished:
@@ -118,7 +119,7 @@ class LLM:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[st.request_id] = queue
         self._stream_states[st.request_id] = st
-        self._inbox.append(("add", st.seq))
+        self._inbox.append(_Change(st.seq))
         if self._pump is None or self._pump.done():
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
         finished = False
@@ -133,7 +134,7 @@ class LLM:
             self._queues.pop(st.request_id, None)
             self._stream_states.pop(st.request_id, None)
             if not finished:
-                self._inbox.append(("abort", st.seq))
+                self._inbox.append(_Change(st.seq, abort=True))
 
     async def _run_pump(self) -> None:
         try:

@@ -3,15 +3,18 @@ Decode-only batches on CUDA replay CUDA graphs captured at a ladder of batch siz
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from splitnode.engine.batcher import Batch
-from splitnode.model.attention import AttentionContext, PrefillChunk
+from splitnode.model.attention import AttentionContext, LayerHook, PrefillChunk
 from splitnode.model.decode_mirror import DecodeMirror
 
 DECODE_MIRROR_BYTES = 256 << 20
+
+
+def slot_of(table: list[int], pos: int, block_size: int) -> int:
+    """The cache slot of a sequence's token at `pos`, from its block table."""
+    return table[pos // block_size] * block_size + pos % block_size
 
 
 class ModelRunner:
@@ -35,10 +38,9 @@ class ModelRunner:
         return t
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return [slot_of(table, p, self.block_size) for p in range(start, end)]
 
-    def prepare(self, batch: Batch, layer_hook: Callable[[int], None] | None = None):
+    def prepare(self, batch: Batch, layer_hook: LayerHook | None = None):
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -78,7 +80,7 @@ class ModelRunner:
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
 
     @torch.inference_mode()
-    def run(self, batch: Batch, rows: list[int], layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+    def run(self, batch: Batch, rows: list[int], layer_hook: LayerHook | None = None) -> torch.Tensor:
         """Runs the batch; returns float32 logits of the flat-batch rows asked for."""
         n = len(batch)
         if self.graphs and batch.num_decodes == n and layer_hook is None and n <= max(self.graphs):
@@ -120,12 +122,11 @@ class ModelRunner:
         n = len(batch)
         bs = min(b for b in self.graphs if b >= n)
         pad = bs - n
-        bsz = self.block_size
         width = max(len(s.block_table) for s in batch.seqs)
         pos = [s.num_computed for s in batch.seqs]
         flat = [s.token_ids[p] for s, p in zip(batch.seqs, pos)] + [0] * pad
         flat += pos + [0] * pad
-        flat += [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(batch.seqs, pos)] + [-1] * pad
+        flat += [slot_of(s.block_table, p, self.block_size) for s, p in zip(batch.seqs, pos)] + [-1] * pad
         flat += [p + 1 for p in pos] + [1] * pad
         for s in batch.seqs:
             flat += s.block_table + [0] * (width - len(s.block_table))

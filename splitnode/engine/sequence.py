@@ -46,12 +46,9 @@ class Sequence:
         self.num_skipped = 0  # batches this decode waited out: its priority grows with it
         # Runtime: set from the event loop; the worker owning the sequence frees it at its next step.
         self.cancelled = False
-        # Runtime: the worker that decodes this sequence after its prefill here (None: this one)
-        # and the blocks reserved for it there.
-        self.dest = None
-        self.dest_blocks: list[int] | None = None
-        # Tokens whose KV (every layer) the layer-wise transfer already put in dest_blocks.
-        self.kv_sent = 0
+        # Runtime: where the sequence decodes after its prefill here (a `runtime.worker.Handoff`),
+        # None while it stays. The engine never reads it.
+        self.handoff: object | None = None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
@@ -62,10 +59,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_pending(self) -> int:
@@ -91,9 +84,12 @@ class Sequence:
         elif out >= self.params.max_tokens:
             self.finish_reason = "length"
 
+    def finish(self, reason: str) -> None:
+        self.status = SeqStatus.FINISHED
+        self.finish_reason = reason
+
     def reset_for_recompute(self) -> None:
         """Forget the cache: the next chunk recomputes every token (prompt and outputs so far)."""
         self.num_computed = 0
-        self.kv_sent = 0
         self.block_table = []
         self.status = SeqStatus.WAITING

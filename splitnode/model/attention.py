@@ -7,8 +7,8 @@ call, never through a module-level global.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,11 @@ class PrefillChunk:
     slots: torch.Tensor | None  # [ctx_len] cache slots of every position, when ctx_len > q_len
 
 
+# Called with the layer index once that layer's K/V for this batch is in the cache: the hook the
+# layer-wise KV transfer hangs on.
+LayerHook = Callable[[int], None]
+
+
 @dataclass
 class AttentionContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, Hkv, D] x2
@@ -37,9 +42,7 @@ class AttentionContext:
     block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32, -1 padded
     context_lens: torch.Tensor | None = None  # [num_decodes] int32, tokens in cache incl. the new one
     prefills: list[PrefillChunk] = field(default_factory=list)
-    # Called with the layer index once that layer's K/V for this batch is in the cache: the hook the
-    # layer-wise KV transfer hangs on.
-    layer_hook: Callable[[int], None] | None = None
+    layer_hook: LayerHook | None = None
     # CPU: the decodes' K/V kept contiguous across steps (see decode_mirror.py), prepared for this
     # batch; None: the paged kernel reads the cache.
     decode_mirror: DecodeMirror | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,8 +53,6 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     dtype: torch.dtype | None = None  # the checkpoint's dtype, when config.json says it
     sliding_window: int | None = None
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -124,8 +122,6 @@ class ModelConfig:
         if is_qwen and not hf.get("use_sliding_window", False):
             sliding_window = None  # Qwen writes a window it does not use unless asked to
         dtype = hf.get("dtype") or hf.get("torch_dtype")
-        eos = hf.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         attention_bias = True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False))
         return cls(
             architecture=arch,
@@ -147,8 +143,6 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             dtype=parse_dtype(dtype) if dtype else None,
             sliding_window=sliding_window,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
         )
 
 

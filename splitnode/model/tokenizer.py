@@ -33,7 +33,6 @@ class Tokenizer:
         self.path = path
         self._tok = HFTokenizer.from_file(str(file))
         config = _read_json(path / "tokenizer_config.json")
-        self.bos_token = _token_str(config.get("bos_token"))
         self.eos_token = _token_str(config.get("eos_token"))
         self.special_tokens = {
             key: tok for key in ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -151,7 +150,9 @@ class IncrementalDecoder:
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self._prefix_offset:self._read_offset], self.skip_special_tokens)
         full = decode(self.ids[self._prefix_offset:], self.skip_special_tokens)
-        delta = full[len(prefix):]
+        # A window whose decode no longer starts with the emitted text adds nothing: the text
+        # already given out is never contradicted.
+        delta = full[len(prefix):] if full.startswith(prefix) else ""
         self._prefix_offset = self._read_offset = len(self.ids)
         self.text += delta
         return delta

@@ -1,9 +1,10 @@
 """A worker owns one device's engine and runs its batch loop on a thread of its own.
 
-It talks to the event loop through its inbox (ops from the loop or from other workers) and
-`loop.call_soon_threadsafe` (token events back). Each turn of the loop:
-apply inbox -> free cancelled -> admit arrived sequences -> hand off finished prefills ->
-role change -> one batch.
+It knows its engine, the KV mover, a listener it reports to and a callable that finds a token
+worker with room, and never the Runtime: the shape a worker in another process would have. Messages
+come in through `post` (from the loop, or a hand-off from another worker); what it reports goes out
+through its listener, called on this thread (the runtime's listener hops onto its loop). A role
+change is asked through `request_role`.
 """
 
 from __future__ import annotations
@@ -13,70 +14,181 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 
+from splitnode.engine.batcher import Batch, Role
 from splitnode.engine.engine import Engine
-from splitnode.engine.sequence import Sequence, SeqStatus
-from splitnode.runtime.transfer import block_ids
-
-if TYPE_CHECKING:
-    from splitnode.runtime.runtime import Runtime
+from splitnode.engine.sequence import SeqStatus, Sequence
+from splitnode.runtime.messages import Add, Arrival, Arrive, RoleReached, TokenEvent, WorkerFailed
+from splitnode.runtime.transfer import KVMover, block_ids
 
 log = logging.getLogger("splitnode")
 
 
+class WorkerListener(Protocol):
+    """What a worker reports. Every method is called on the worker's own thread."""
+
+    def on_tokens(self, events: list[TokenEvent]) -> None: ...
+
+    def on_handoff(self, dest: Worker, arrive: Arrive) -> None:
+        """seq's KV is in (or on its way to) dest's blocks: deliver `arrive` to dest."""
+
+    def on_role_reached(self, msg: RoleReached) -> None: ...
+
+    def on_failure(self, msg: WorkerFailed) -> None:
+        """The worker's thread is gone; `Worker.held_sequence_ids` says whose requests it held."""
+
+
+# (sequence, worker to leave out) -> a token worker with room for the sequence's whole cache and
+# the blocks allocated there for it, or (None, None).
+PickDest = Callable[[Sequence, "Worker"], "tuple[Worker | None, list[int] | None]"]
+
+
+@dataclass(frozen=True)
+class TransferPolicy:
+    layerwise_min_tokens: int = 512  # prompts this long send their KV layer by layer
+    transfer_timeout_s: float = 30.0  # past it the destination recomputes the prefill
+    reservation_lease_s: float = 30.0  # renewed every batch while the prompt is here
+
+
+@dataclass(eq=False)
+class Handoff:
+    """Where a sequence prefilled here decodes, and what of its KV is there already. Until the
+    first layer-wise send dest's pool holds a reservation for the sequence (`blocks` None); the
+    send claims it, and from then on the blocks are the sequence's (no lease can lapse under a
+    write)."""
+
+    dest: Worker
+    blocks: list[int] | None = None
+    num_sent: int = 0  # tokens whose KV, every layer, is in `blocks`
+    epoch: int = 0  # seq.num_preemptions when num_sent was counted: a preemption drops it
+
+    def num_sent_for(self, seq: Sequence) -> int:
+        return self.num_sent if self.epoch == seq.num_preemptions else 0
+
+    def mark_sent(self, seq: Sequence, num_tokens: int) -> None:
+        self.num_sent, self.epoch = num_tokens, seq.num_preemptions
+
+    def release(self, seq_id: int) -> None:
+        pool = self.dest.engine.pool
+        if self.blocks is not None:
+            pool.free(self.blocks)
+        else:
+            pool.cancel(seq_id)
+
+
+class _LayerJob(NamedTuple):
+    seq: Sequence
+    handoff: Handoff
+    src_ids: torch.Tensor
+    dst_ids: torch.Tensor
+    upto: int  # computed tokens once this batch is done
+
+
 class Worker:
-    def __init__(self, rt: "Runtime", index: int, name: str, device: str, role: str):
-        self.rt = rt
+    def __init__(self, index: int, name: str, engine: Engine, mover: KVMover, listener: WorkerListener,
+                 pick_dest: PickDest, policy: TransferPolicy = TransferPolicy()):
         self.index = index
-        self.name = name  # "cuda:0", or "cpu:1" for the second CPU worker
-        self.device = device  # the torch device
-        self.role = role
-        self.target_role: str | None = None  # set while a role change is under way
+        self.name = name  # "cuda:0", "cpu:1" for the second CPU worker, "cuda:0/1" for a second on cuda:0
+        self.engine = engine
+        self.mover = mover
+        self.listener = listener
+        self.pick_dest = pick_dest
+        self.policy = policy
+        self.target_role: Role | None = None  # set while a role change is under way
         self.mode = "drain"
-        # target_role/mode are written by the loop and cleared here: a generation number tells a
-        # change that is done from one asked for meanwhile.
-        self.role_lock = threading.Lock()
-        self.role_gen = 0
-        self.engine: Engine | None = None
-        self.inbox: deque = deque()
+        # target_role/mode are written by `request_role` (the loop) and cleared here: a generation
+        # number tells a change that is done from one asked for meanwhile.
+        self._role_lock = threading.Lock()
+        self._role_gen = 0
+        self._inbox: deque[Add | Arrive] = deque()
         self.wake = threading.Event()
-        self.stopping = False
+        self._stopping = False
         self.error: BaseException | None = None
-        self.arrivals: list[tuple[Sequence, object, bool, float]] = []  # seq, event, failed, since
+        self.arrivals: list[Arrival] = []
         self.routed_prompt_tokens = 0  # written by the loop thread only
         self.done_prompt_tokens = 0  # written by this thread only
         self.last_batch_size = 0
         self.last_batch_tokens = 0
         self.num_steps = 0
         self.busy_s = 0.0
-        self.thread = threading.Thread(target=self._main, name=f"splitnode-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"splitnode-{name}", daemon=True)
 
     # -- seen from the loop thread ------------------------------------------------------------
 
     @property
+    def role(self) -> Role:
+        return self.engine.batcher.role  # stored once: what the batcher schedules by
+
+    @property
     def accepts_prefill(self) -> bool:
-        return self.target_role is None and self.role in ("prompt", "mixed")
+        return self.target_role is None and self.role.takes_prompts
 
     @property
     def accepts_decode(self) -> bool:
-        return self.target_role is None and self.role in ("token", "mixed")
+        return self.target_role is None and self.role.decodes
 
     @property
     def decodes_after_change(self) -> bool:
         """Still a token-capable worker once the change under way (if any) is done."""
-        return (self.target_role or self.role) in ("token", "mixed")
+        return Role(self.target_role or self.role).decodes
 
     @property
     def pending_prompt_tokens(self) -> int:
-        # recomputes (not routed here) also count as done: never below zero
+        """Routed here and not yet prefilled. Recomputes (not routed here) also count as done:
+        never below zero."""
         return max(0, self.routed_prompt_tokens - self.done_prompt_tokens)
 
-    def post(self, *op) -> None:
-        self.inbox.append(op)
+    def post(self, msg: Add | Arrive) -> None:
+        self._inbox.append(msg)
         self.wake.set()
+
+    def request_role(self, role: Role, mode: str) -> int:
+        """Asks for a role change; returns its generation, which `RoleReached` reports once the
+        role is reached (a later request supersedes an earlier one)."""
+        with self._role_lock:  # the worker compares and clears under the same lock
+            self._role_gen += 1
+            self.mode = mode
+            self.target_role = Role(role)
+            gen = self._role_gen
+        self.wake.set()
+        return gen
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the thread after its current turn (`join` waits for it)."""
+        self._stopping = True
+        self.wake.set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def held_sequence_ids(self) -> list[int]:
+        """Every sequence this worker holds or has been sent. Read it from another thread only
+        once this one is gone (after `on_failure`)."""
+        b = self.engine.batcher
+        return [s.seq_id for s in (*b.running, *b.waiting, *(a.seq for a in self.arrivals),
+                                   *(m.seq for m in list(self._inbox)))]
+
+    def status(self) -> dict:
+        """This worker's part of a `DeviceStatus` (the runtime adds pins, borrowing, telemetry)."""
+        e = self.engine
+        return {
+            "name": self.name, "device": str(e.device), "role": self.role.value,
+            "target_role": None if self.target_role is None else Role(self.target_role).value,
+            "kv_blocks_used": e.pool.num_used, "kv_blocks_total": e.pool.num_blocks,
+            "kv_blocks_reserved": e.pool.num_reserved, "waiting": len(e.batcher.waiting),
+            "running": len(e.batcher.running), "arriving": len(self.arrivals),
+            "batch_size": self.last_batch_size, "batch_tokens": self.last_batch_tokens,
+            "pending_prompt_tokens": e.batcher.num_pending_prompt_tokens, "steps": self.num_steps,
+            "busy_s": round(self.busy_s, 3), "error": None if self.error is None else repr(self.error),
+        }
 
     # -- the worker thread --------------------------------------------------------------------
 
@@ -87,36 +199,48 @@ class Worker:
                 torch.cuda.set_device(self.engine.device)
                 stream = torch.cuda.stream(self.engine.compute_stream)
             with stream, torch.inference_mode():
-                while not self.stopping:
+                while not self._stopping:
                     self._turn()
         except BaseException as e:  # surfaced by the runtime to every request on this worker
             log.exception("worker %s failed", self.name)
             self.error = e
-            self.rt._post(self.rt._on_worker_error, self, e)
+            self.listener.on_failure(WorkerFailed(self.name, e))
 
     def _turn(self) -> None:
-        eng = self.engine
-        while self.inbox:
-            op, *args = self.inbox.popleft()
-            if op == "add":
-                eng.add(args[0])
-            elif op == "arrive":
-                self.arrivals.append((*args, time.monotonic()))
-        eng.pool.expire()  # reservations held here for requests that died elsewhere
+        """apply inbox -> free cancelled -> admit arrived sequences -> hand off finished
+        prefills -> role change -> one batch (then hand off what it finished)."""
+        self._apply_inbox()
+        self.engine.pool.expire()  # reservations held here for requests that died elsewhere
         self._sweep_cancelled()
         self._admit_arrivals()
         self._hand_off()
-        if self.target_role is not None:
-            self._change_role()
-        if not eng.has_work():
+        self._change_role()
+        if not self.engine.has_work():
             self.last_batch_size = self.last_batch_tokens = 0
             # Woken by a post; the timeout only re-checks transfers, hand-offs and leases.
-            self.wake.wait(0.005 if (self.arrivals or self._waiting_handoffs()) else 0.5)
-            self.wake.clear()
-            return
+            self._wait(0.005 if (self.arrivals or self._waiting_handoffs()) else 0.5)
+        elif self._run_batch():
+            self._hand_off()
+
+    def _wait(self, timeout_s: float) -> None:
+        self.wake.wait(timeout_s)
+        self.wake.clear()
+
+    def _apply_inbox(self) -> None:
+        while self._inbox:
+            msg = self._inbox.popleft()
+            if isinstance(msg, Add):
+                self.engine.add(msg.seq)
+            else:
+                self.arrivals.append(Arrival(msg.seq, msg.event, msg.failed, time.monotonic()))
+
+    def _run_batch(self) -> bool:
+        """One step of the engine; False when nothing could be scheduled."""
+        eng = self.engine
         for seq in [*eng.batcher.running, *eng.batcher.waiting]:
-            if seq.dest is not None and seq.dest_blocks is None:
-                seq.dest.engine.pool.renew(seq.seq_id, self.rt.config.reservation_lease_s)
+            h = seq.handoff
+            if h is not None and h.blocks is None:
+                h.dest.engine.pool.renew(seq.seq_id, self.policy.reservation_lease_s)
         t0 = time.perf_counter()
         if eng.compute_stream is not None:
             # blocks freed since the last batch (a cancel, a preemption) may still be read or
@@ -125,55 +249,49 @@ class Worker:
         batch, seqs = eng.step(self._layer_hook)
         for seq in seqs:
             if seq.is_finished:  # e.g. at its first token, before any hand-off
-                self._release_dest(seq)
+                self._release_handoff(seq)
         if not batch:
-            self.wake.wait(0.005)
-            self.wake.clear()
-            return
+            self._wait(0.005)
+            return False
         self.done_prompt_tokens += sum(batch.chunk_lens[batch.num_decodes:])
         self.last_batch_size, self.last_batch_tokens = len(batch), batch.num_tokens
         self.num_steps += 1
         self.busy_s += time.perf_counter() - t0
         self._emit(seqs)
-        self._hand_off()
+        return True
 
     def _emit(self, seqs: list[Sequence], reason: str | None = None) -> None:
-        events = [(s, s.num_tokens - s.num_prompt_tokens, reason or s.finish_reason) for s in seqs]
+        events = [TokenEvent(s.seq_id, s.num_tokens - s.num_prompt_tokens, reason or s.finish_reason) for s in seqs]
         if events:
-            self.rt._post(self.rt._on_events, events)
+            self.listener.on_tokens(events)
 
     def _sweep_cancelled(self) -> None:
         b = self.engine.batcher
-        dead = [s for s in list(b.running) + list(b.waiting) if s.cancelled]
-        for seq in dead:
+        for seq in [s for s in list(b.running) + list(b.waiting) if s.cancelled]:
             self._drop(seq)
             b.remove(seq)
         keep = []
-        for item in self.arrivals:
-            seq, event = item[0], item[1]
-            if seq.cancelled and (event is None or event.query()):  # never free under a running copy
-                self.engine.pool.free(seq.block_table)
-                seq.block_table = []
-                self.rt.mover.count(in_flight=-1)
-                self._drop(seq)
+        for a in self.arrivals:
+            if a.seq.cancelled and a.copy_done():  # never free under a running copy
+                self.engine.pool.free(a.seq.block_table)
+                a.seq.block_table = []
+                self.mover.count(in_flight=-1)
+                self._drop(a.seq)
             else:
-                keep.append(item)
+                keep.append(a)
         self.arrivals = keep
 
     @staticmethod
-    def _release_dest(seq: Sequence) -> None:
+    def _release_handoff(seq: Sequence) -> None:
         """Gives back what the sequence holds on its token worker: the reservation, or the
         blocks the layer-wise transfer claimed. Every way out of this worker but the hand-off
         (finished here, cancelled, its token worker gone) goes through here."""
-        if seq.dest is not None:
-            if seq.dest_blocks is not None:
-                seq.dest.engine.pool.free(seq.dest_blocks)
-            else:
-                seq.dest.engine.pool.cancel(seq.seq_id)
-            seq.dest, seq.dest_blocks, seq.kv_sent = None, None, 0
+        if seq.handoff is not None:
+            seq.handoff.release(seq.seq_id)
+            seq.handoff = None
 
     def _drop(self, seq: Sequence) -> None:
-        self._release_dest(seq)
+        self._release_handoff(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = "abort"
         self._emit([seq], "abort")
@@ -182,21 +300,18 @@ class Worker:
         """Sequences handed to this worker join its batches once their KV is complete; a transfer
         that failed or timed out is recomputed here."""
         keep = []
-        for seq, event, failed, since in self.arrivals:
-            if seq.cancelled:  # its copy is still running: freed by the sweep once it is done
-                keep.append((seq, event, failed, since))
+        for a in self.arrivals:
+            timed_out = time.monotonic() - a.since > self.policy.transfer_timeout_s
+            # a cancelled one's copy may still run: the sweep frees it once it is done
+            if a.seq.cancelled or (not a.failed and not timed_out and not a.copy_done()):
+                keep.append(a)
                 continue
-            timed_out = time.monotonic() - since > self.rt.config.transfer_timeout_s
-            if event is not None and not failed and not timed_out and not event.query():
-                keep.append((seq, event, failed, since))
-                continue
-            self.rt.mover.count(in_flight=-1, failed=int(failed or timed_out))
-            if failed or timed_out:
+            self.mover.count(in_flight=-1, failed=int(a.failed or timed_out))
+            if a.failed or timed_out:
                 log.warning("KV transfer of request %d to %s %s: recomputing its prefill here",
-                            seq.seq_id, self.name, "failed" if failed else "timed out")
-                seq.num_computed = 0
-            seq.status = SeqStatus.RUNNING
-            self.engine.add(seq)
+                            a.seq.seq_id, self.name, "failed" if a.failed else "timed out")
+                a.seq.num_computed = 0
+            self.engine.add(a.seq)  # it holds its blocks here: the batcher runs it
         self.arrivals = keep
 
     # -- moving sequences out -------------------------------------------------------------------
@@ -208,43 +323,50 @@ class Worker:
         """A sequence whose prefill is done here and that decodes elsewhere."""
         if not seq.is_decode or seq.is_finished:
             return False
-        return seq.dest is not None or not self._decodes_here()
+        return seq.handoff is not None or not self._keeps_decodes()
 
-    def _decodes_here(self) -> bool:
-        if self.target_role is not None and self.target_role not in ("token", "mixed"):
+    def _keeps_decodes(self) -> bool:
+        """Finish decodes here rather than hand them off."""
+        if self.target_role is not None and not Role(self.target_role).decodes:
             return self.mode == "drain"  # leaving decode work: finish it here, or move it out
-        return (self.target_role or self.role) in ("token", "mixed")
+        return Role(self.target_role or self.role).decodes
 
     def _hand_off(self) -> None:
         for seq in [s for s in self.engine.batcher.running if self._handoff_due(s)]:
-            if seq.dest is not None and (seq.dest.error is not None or not seq.dest.decodes_after_change):
-                self._release_dest(seq)  # its token worker died or is leaving decode work: find another
-            dest, blocks, sent = seq.dest, None, False
-            if dest is not None:
-                claimed, seq.dest_blocks = seq.dest_blocks, None
+            h = seq.handoff
+            if h is not None and (h.dest.error is not None or not h.dest.decodes_after_change):
+                self._release_handoff(seq)  # its token worker died or is leaving decode work: find another
+                h = None
+            dest, blocks, sent = None, None, False
+            if h is not None:
+                dest = h.dest
+                claimed, h.blocks = h.blocks, None
                 # the layer-wise sends already wrote every computed token there
-                sent = claimed is not None and seq.kv_sent == seq.num_computed
+                sent = claimed is not None and h.num_sent_for(seq) == seq.num_computed
                 blocks = self._fit(dest, claimed if claimed is not None else dest.engine.pool.claim(seq.seq_id), seq)
             if blocks is None:  # no reservation (or its lease ran out): find room now
-                dest, blocks = self.rt.router.pick_dest(seq, exclude=self)
+                dest, blocks = self.pick_dest(seq, self)
                 sent = False
             if dest is None:
                 continue  # no token worker has room: keep the KV here and try again next turn
             self._move(seq, dest, blocks, layers_done=sent)
 
-    def _fit(self, dest: "Worker", blocks: list[int] | None, seq: Sequence) -> list[int] | None:
+    @staticmethod
+    def _fit(dest: Worker, blocks: list[int] | None, seq: Sequence) -> list[int] | None:
         """Reserved blocks cover the prompt; grow them to the sequence as it is now."""
         if blocks is None:
             return None
-        need = dest.engine.pool.blocks_for(seq.num_tokens) - len(blocks)
-        if need > 0:
-            if not dest.engine.pool.can_allocate(need):
-                dest.engine.pool.free(blocks)
+        pool = dest.engine.pool
+        with pool.lock:  # other threads allocate from dest's pool too: check and take at once
+            need = pool.blocks_for(seq.num_tokens) - len(blocks)
+            if need <= 0:
+                return blocks
+            if not pool.can_allocate(need):
+                pool.free(blocks)
                 return None
-            blocks = blocks + dest.engine.pool.allocate(need)
-        return blocks
+            return blocks + pool.allocate(need)
 
-    def _move(self, seq: Sequence, dest: "Worker", blocks: list[int], layers_done: bool) -> None:
+    def _move(self, seq: Sequence, dest: Worker, blocks: list[int], layers_done: bool) -> None:
         """Sends what is not there yet, then gives the sequence to dest. The source blocks are
         free again once the copy has read them (the compute stream waits for it)."""
         eng = self.engine
@@ -252,76 +374,72 @@ class Worker:
         n = eng.pool.blocks_for(seq.num_computed)
         try:
             if not layers_done:
-                self.rt.mover.send(eng, dest.engine, seq.block_table[:n], blocks[:n],
-                                   range(eng.model_config.num_hidden_layers))
-            event = self.rt.mover.completion_event(eng, dest.engine)
+                self.mover.send(eng, dest.engine, seq.block_table[:n], blocks[:n],
+                                range(eng.model_config.num_hidden_layers))
+            event = self.mover.completion_event(eng, dest.engine)
         except Exception:
             log.exception("KV transfer of request %d from %s to %s failed", seq.seq_id, self.name, dest.name)
             failed, event = True, None
         eng.batcher.remove(seq)  # frees the source blocks
         seq.block_table = blocks
-        seq.dest = None
-        seq.dest_blocks = None
-        seq.kv_sent = 0
-        self.rt.mover.count(sequences=1, in_flight=1)
-        dest.post("arrive", seq, event, failed)
+        seq.handoff = None
+        self.mover.count(sequences=1, in_flight=1)
+        self.listener.on_handoff(dest, Arrive(seq, event, failed))
 
-    def _layer_hook(self, batch):
+    def _layer_hook(self, batch: Batch) -> Callable[[int], None] | None:
         """Layer-wise transfer: for each long prompt in the batch that decodes elsewhere, send
         layer l's blocks as soon as layer l is written, while layer l+1 computes. Short prompts
         move in one piece after their prefill (see `_hand_off`)."""
-        cfg = self.rt.config
-        mover, eng = self.rt.mover, self.engine
-        jobs = []
-        for seq, n in zip(batch.seqs, batch.chunk_lens):
-            if seq.dest is None or seq.is_decode or seq.num_prompt_tokens < cfg.layerwise_min_tokens:
-                continue
-            if seq.dest_blocks is None:
-                # Claimed at the first send: the blocks are the sequence's from now on, so no
-                # lease can run out (and hand them to another request) while KV is written there.
-                seq.dest_blocks = seq.dest.engine.pool.claim(seq.seq_id)
-            blocks = seq.dest_blocks
-            if blocks is None or len(blocks) < len(seq.block_table) or seq.kv_sent != seq.num_computed:
-                continue  # the hand-off sends it all (an earlier chunk did not go layer by layer)
-            lo = seq.num_computed // eng.pool.block_size
-            hi = eng.pool.blocks_for(seq.num_computed + n)
-            dst = seq.dest.engine
-            jobs.append((seq, block_ids(seq.block_table[lo:hi], eng.device), block_ids(blocks[lo:hi], dst.device),
-                         seq.num_computed + n))
+        jobs = self._layer_jobs(batch)
         if not jobs:
             return None
-
+        eng, last = self.engine, self.engine.model_config.num_hidden_layers - 1
         failed: set[int] = set()
 
         def hook(layer: int) -> None:
-            for seq, src, dst, upto in jobs:
-                if seq.seq_id in failed:
+            for job in jobs:
+                if job.seq.seq_id in failed:
                     continue
                 try:
-                    mover.send(eng, seq.dest.engine, src, dst, range(layer, layer + 1))
+                    self.mover.send(eng, job.handoff.dest.engine, job.src_ids, job.dst_ids, range(layer, layer + 1))
                 except Exception:  # the hand-off sends every layer again (or the token worker recomputes)
-                    log.exception("layer-wise KV transfer of request %d failed", seq.seq_id)
-                    failed.add(seq.seq_id)
+                    log.exception("layer-wise KV transfer of request %d failed", job.seq.seq_id)
+                    failed.add(job.seq.seq_id)
                     continue
-                if layer == eng.model_config.num_hidden_layers - 1:
-                    seq.kv_sent = upto
+                if layer == last:
+                    job.handoff.mark_sent(job.seq, job.upto)
 
         return hook
+
+    def _layer_jobs(self, batch: Batch) -> list[_LayerJob]:
+        """The chunks of this batch whose KV goes to their token worker layer by layer."""
+        pool, jobs = self.engine.pool, []
+        for seq, n in zip(batch.seqs, batch.chunk_lens):
+            h = seq.handoff
+            if h is None or seq.is_decode or seq.num_prompt_tokens < self.policy.layerwise_min_tokens:
+                continue
+            if h.blocks is None:
+                h.blocks = h.dest.engine.pool.claim(seq.seq_id)  # None if its lease ran out
+            if h.blocks is None or len(h.blocks) < len(seq.block_table) or h.num_sent_for(seq) != seq.num_computed:
+                continue  # the hand-off sends it all (an earlier chunk did not go layer by layer)
+            lo, hi = seq.num_computed // pool.block_size, pool.blocks_for(seq.num_computed + n)
+            jobs.append(_LayerJob(seq, h, block_ids(seq.block_table[lo:hi], self.engine.device),
+                                  block_ids(h.blocks[lo:hi], h.dest.engine.device), seq.num_computed + n))
+        return jobs
 
     # -- role changes ------------------------------------------------------------------------------
 
     def _change_role(self) -> None:
         """Flips the role once the work of the old kind is gone. Decodes are migrated to another
         token-capable worker ("migrate") or finished here ("drain"); prefills always finish here."""
-        with self.role_lock:
-            new, gen = self.target_role, self.role_gen
-        b = self.engine.batcher
+        with self._role_lock:
+            new, gen = self.target_role, self._role_gen
         if new is None:
             return
-        if new == "prompt" and (self.arrivals or any(s.is_decode for s in b.running)):
+        if not new.decodes and (self.arrivals or any(s.is_decode for s in self.engine.batcher.running)):
             return  # drained here or handed off by `_hand_off`, turn by turn; arrivals land first
-        with self.role_lock:
-            b.role = self.role = new
-            if self.role_gen == gen:  # else a newer change was asked meanwhile: the next turn takes it
+        with self._role_lock:
+            self.engine.batcher.role = new
+            if self._role_gen == gen:  # else a newer change was asked meanwhile: the next turn takes it
                 self.target_role = None
-        self.rt._post(self.rt._on_role_changed, self, gen, new)
+        self.listener.on_role_reached(RoleReached(self.name, gen, new))

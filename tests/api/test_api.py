@@ -9,11 +9,11 @@ import stat
 
 import msgpack
 import pytest
+from polling import until
 
 from splitnode import cli
 from splitnode.api import Client, RemoteError, Server, SocketInUse, serve
 from splitnode.engine.sampling import SamplingParams
-from polling import until
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
 LONG = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}  # outlives the test's disconnect

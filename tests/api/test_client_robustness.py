@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import traceback
 
-
 from splitnode.api import Client, serve
 from splitnode.api import protocol as p
 

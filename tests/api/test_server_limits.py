@@ -9,11 +9,11 @@ import socket
 
 import msgpack
 import pytest
+from polling import until
 
 from splitnode.api import Server, serve
 from splitnode.api import server as server_mod
 from splitnode.engine.outputs import RequestOutput
-from polling import until
 
 
 def pending_bytes(srv: Server) -> int:

@@ -24,6 +24,6 @@ def make_llm(make_hf_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def make_hf_checkpoint_module(make_hf_checkpoint):
+def qwen3_llm(make_hf_checkpoint):
     """A default-sized LLM over the Qwen3 checkpoint, shared by a module's reference runs."""
     return LLM(str(make_hf_checkpoint("Qwen3ForCausalLM")), dtype="float32", num_kv_blocks=128)

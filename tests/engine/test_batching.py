@@ -18,9 +18,8 @@ def prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def alone(make_hf_checkpoint_module):
-    llm = make_hf_checkpoint_module
-    return [llm.generate([p], PARAMS)[0] for p in prompts()]
+def alone(qwen3_llm):
+    return [qwen3_llm.generate([p], PARAMS)[0] for p in prompts()]
 
 
 def assert_same(got, want) -> None:

@@ -19,7 +19,7 @@ def test_defaults_follow_transformers():
     c = parse()
     assert (c.num_key_value_heads, c.head_dim, c.rope_theta, c.rope_scaling) == (4, 16, 10000.0, None)
     assert not (c.attention_bias or c.o_proj_bias or c.qk_norm or c.tie_word_embeddings)
-    assert c.max_model_len == 256 and c.dtype is None and c.eos_token_ids == ()
+    assert c.max_model_len == 256 and c.dtype is None
 
 
 def test_rope_is_read_from_transformers5_and_legacy_keys_alike():
@@ -43,9 +43,9 @@ def test_family_differences():
     assert qwen2.attention_bias and not qwen2.o_proj_bias
     qwen3 = parse(architectures=["Qwen3ForCausalLM"], head_dim=128, attention_bias=False)
     assert qwen3.qk_norm and qwen3.head_dim == 128 and not qwen3.attention_bias
-    llama = parse(attention_bias=True, tie_word_embeddings=True, eos_token_id=[7, 9], dtype="bfloat16")
+    llama = parse(attention_bias=True, tie_word_embeddings=True, dtype="bfloat16")
     assert llama.attention_bias and llama.o_proj_bias and llama.tie_word_embeddings
-    assert llama.eos_token_ids == (7, 9) and llama.dtype == torch.bfloat16
+    assert llama.dtype == torch.bfloat16
     assert parse(torch_dtype="float16").dtype == torch.float16
 
 

@@ -55,10 +55,26 @@ def test_incremental_decoding_holds_back_split_characters(tok):
 def test_incremental_decoding_skips_special_tokens_and_flushes_a_broken_tail(tok):
     dec = tok.incremental_decoder()
     assert dec.add([BOS]) == ""
-    assert dec.add(list("ok ".encode())) == "ok "
+    assert dec.add(list(b"ok ")) == "ok "
     assert dec.add(list("世".encode())[:2]) == ""  # incomplete: held back
     assert dec.add([EOS]) == ""
     assert dec.flush() == "\ufffd"  # the stream ended mid-character
+
+
+def test_flush_never_contradicts_the_text_already_given(tmp_path):
+    """SentencePiece byte fallback decodes a run of byte tokens as a whole: once "E" is out, the
+    window "E" + a lone lead byte decodes to two replacement characters, not "E" + one."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    dec = Tokenizer(tmp_path).incremental_decoder()
+    assert dec.add([1 + ord("E")]) == "E"
+    assert dec.add([1 + 0xE2]) == ""
+    assert dec.flush() == "" and dec.text == "E"
 
 
 def test_eos_ids_gather_every_source(demo_dir, tmp_path):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from splitnode import LLM, SamplingParams
-from splitnode.runtime.runtime import Runtime, RuntimeConfig
+from splitnode.runtime import Runtime, RuntimeConfig
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, logprobs=3, ignore_eos=True)
 BLOCKS = 512

@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from splitnode import LLM, SamplingParams
-from splitnode.runtime.runtime import Runtime, RuntimeConfig
 from splitnode.engine.sequence import Sequence
+from splitnode.runtime import Runtime, RuntimeConfig
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 BLOCKS = 64
@@ -113,23 +113,23 @@ async def test_request_finishing_at_its_first_token_returns_the_token_workers_bl
 async def test_assign_returns_only_once_its_own_role_is_reached():
     async with Runtime(split_cfg()) as rt:
         w = rt.worker("cpu:1")
-        real_post = rt._post
+        real_report = rt.on_role_reached
         posting, release_post = threading.Event(), threading.Event()
         release_token = threading.Event()
         real_change = w._change_role
 
-        def post(fn, *args):
-            if fn == rt._on_role_changed and not posting.is_set():
+        def report(msg):
+            if not posting.is_set():
                 posting.set()  # the worker flipped to "mixed" and is about to tell the loop
                 release_post.wait(WAIT)
-            real_post(fn, *args)
+            real_report(msg)
 
         def change_role():
             if w.target_role == "token":
                 release_token.wait(WAIT)  # hold the second change: w stays "mixed" meanwhile
             real_change()
 
-        rt._post = post
+        rt.on_role_reached = report
         w._change_role = change_role
         try:
             a = asyncio.ensure_future(rt.assign("cpu:1", "mixed", mode="drain"))

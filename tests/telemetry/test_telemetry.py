@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from splitnode.runtime.runtime import Runtime, RuntimeConfig
+from splitnode.runtime import Runtime, RuntimeConfig
 from splitnode.telemetry import GPUSampler, nvml_targets
 from splitnode.tui.app import Dashboard
 from splitnode.tui.backend import LocalBackend

@@ -1,6 +1,6 @@
 import pytest
 
-from splitnode.runtime.runtime import Runtime, RuntimeConfig
+from splitnode.runtime import Runtime, RuntimeConfig
 
 
 @pytest.fixture
