@@ -222,7 +222,8 @@ class Dashboard(App):
         self.error = message.error
 
     def watch_sample(self, status: dict | None) -> None:
-        if status is None:
+        # A sample polled just before the app closes can land once its widgets are gone: drop it.
+        if status is None or not self.query("#devices"):
             return
         self._show_devices(status)
         self.query_one("#pools", Static).update(pools_lines(status))
