@@ -120,14 +120,17 @@ class Engine:
             return self.batcher.schedule()
 
     def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[Sequence]:
-        """Runs a scheduled (non-empty) batch. Returns the sequences that got a token in it
-        (finished ones are already out of the batcher, their blocks free)."""
+        """Runs a scheduled (non-empty) batch. Returns, in batch order, the sequences that got a
+        token in it and those that failed in it (finished ones are already out of the batcher,
+        their blocks free). A failure of the forward is the device's and raises; one in a
+        sequence's own sampling or logprobs fails that sequence alone (`Sequence.error`)."""
         rows, plan = self._logit_rows(batch)
         logits = self.runner.run(batch, rows, layer_hook)
         self._record_prompt_logprobs(batch, logits, plan)
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             seq.num_computed += n  # the chunk's K/V is in the cache now
-        return self._append_tokens(batch, logits, plan)
+        self._append_tokens(batch, logits, plan)
+        return [s for s, r in zip(batch.seqs, plan) if r.sample is not None or s.error is not None]
 
     def step(self, hook_for: Callable[[Batch], LayerHook | None] | None = None) -> tuple[Batch, list[Sequence]]:
         """Schedules and runs one batch; returns it and what `execute` returns. `hook_for(batch)`
@@ -163,30 +166,80 @@ class Engine:
     def _record_prompt_logprobs(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> None:
         for seq, r in zip(batch.seqs, plan):
             if r.prompt:
-                done = len(seq.prompt_logprobs)
-                targets = torch.tensor(seq.prompt_token_ids[done:done + len(r.prompt)], device=logits.device)
-                lps = torch.log_softmax(logits[r.prompt], dim=-1)
-                seq.prompt_logprobs.extend(top_logprobs(lps, targets, seq.params.prompt_logprobs))
+                try:
+                    done = len(seq.prompt_logprobs)
+                    targets = torch.tensor(seq.prompt_token_ids[done:done + len(r.prompt)], device=logits.device)
+                    lps = torch.log_softmax(logits[r.prompt], dim=-1)
+                    seq.prompt_logprobs.extend(top_logprobs(lps, targets, seq.params.prompt_logprobs))
+                except Exception as e:  # this sequence's own: the others' rows are fine
+                    self._fail(seq, "prompt logprobs", e)
 
-    def _append_tokens(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> list[Sequence]:
+    def _append_tokens(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> None:
         """Samples the next token of every sequence whose chunk reached its end and appends it."""
-        seqs = [s for s, r in zip(batch.seqs, plan) if r.sample is not None]
-        if not seqs:
-            return []
-        rows = logits[[r.sample for r in plan if r.sample is not None]]
-        tokens = sample(rows, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
-        lps = None
-        if any(s.logprobs is not None for s in seqs):
-            k = max((s.params.logprobs or 0) for s in seqs)
-            lps = top_logprobs(torch.log_softmax(rows, dim=-1), tokens, k)
-        for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        picked = [(s, r.sample) for s, r in zip(batch.seqs, plan) if r.sample is not None and s.error is None]
+        if not picked:
+            return
+        seqs = [s for s, _ in picked]
+        rows = logits[[i for _, i in picked]]
+        for seq, result in zip(seqs, self._sample_isolated(seqs, rows)):
+            if isinstance(result, Exception):
+                self._fail(seq, "sampling", result)
+                continue
+            token, lps = result
             if seq.logprobs is not None:
-                seq.logprobs.append(_trim(lps[j], seq.params.logprobs))
+                seq.logprobs.append(lps)
             seq.append_token(token)
             if seq.finish_reason is not None:  # a stop id, or max_tokens
                 self.batcher.remove(seq)
                 seq.finish(seq.finish_reason)
-        return seqs
+
+    def _sample_isolated(self, seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled | Exception]:
+        """`_sample_rows` for the whole batch; if that raises, row by row, so that a row that still
+        raises (its exception in its place) fails only its own sequence. The generators are rewound
+        first: the failed call may have drawn from some, and a seeded request draws the same tokens
+        whatever batch it shares."""
+        states = [None if s.generator is None else s.generator.get_state() for s in seqs]
+        try:
+            return self._sample_rows(seqs, rows)
+        except Exception as e:  # the rows that still raise log their traceback below
+            log.warning("sampling a batch of %d failed (%s); sampling it row by row", len(seqs), _one_line(e))
+        results: list[_Sampled | Exception] = []
+        for j, (seq, state) in enumerate(zip(seqs, states)):
+            if state is not None:
+                seq.generator.set_state(state)
+            try:
+                results.extend(self._sample_rows([seq], rows[j:j + 1]))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    @staticmethod
+    def _sample_rows(seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled]:
+        """The next token of each sequence (penalties applied), with its logprobs if it asked."""
+        tokens = sample(rows, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+        lps: list[dict[int, Logprob] | None] = [None] * len(seqs)
+        if any(s.logprobs is not None for s in seqs):
+            k = max((s.params.logprobs or 0) for s in seqs)
+            top = top_logprobs(torch.log_softmax(rows, dim=-1), tokens, k)
+            lps = [None if s.logprobs is None else _trim(t, s.params.logprobs) for s, t in zip(seqs, top)]
+        return [_Sampled(t, lp) for t, lp in zip(tokens.tolist(), lps)]
+
+    def _fail(self, seq: Sequence, stage: str, exc: Exception) -> None:
+        """Ends seq alone and frees its blocks; `execute` returns it with the finished ones."""
+        log.warning("sequence %d failed in %s", seq.seq_id, stage, exc_info=exc)
+        self.batcher.remove(seq)
+        seq.fail(f"{stage} failed: {_one_line(exc)}")
+
+
+class _Sampled(NamedTuple):
+    token: int
+    logprobs: dict[int, Logprob] | None  # None: the request asked for none
+
+
+def _one_line(exc: Exception) -> str:
+    """The error for a client: torch's messages run over several lines (the first says it)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def _trim(row: dict[int, Logprob], k: int) -> dict[int, Logprob]:

@@ -114,7 +114,8 @@ class LLM:
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """One event per generated token; the last has `finished=True`. Leaving the loop early
-        cancels the request and frees its blocks."""
+        cancels the request and frees its blocks. A request that fails on its own (its sampling
+        raised) raises RuntimeError here instead of its last event."""
         st = self._new_request(prompt, params or SamplingParams())
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[st.request_id] = queue
@@ -129,6 +130,8 @@ class LLM:
                 if isinstance(ev, BaseException):
                     raise ev
                 finished = ev.finished
+                if ev.error is not None:  # this request alone failed; the engine goes on
+                    raise RuntimeError(f"request {ev.request_id} failed: {ev.error}")
                 yield ev
         finally:
             self._queues.pop(st.request_id, None)

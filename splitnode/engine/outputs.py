@@ -43,6 +43,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS, stop id or stop string), "length", "abort"
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # why the request failed on its own (finish_reason "abort"); None otherwise
 
 
 class RequestState:
@@ -115,7 +116,9 @@ class RequestState:
             token_ids=list(ids), text=self.text, new_token_ids=new_ids, delta=delta,
             logprobs=None if seq.logprobs is None else seq.logprobs[:len(ids)],
             prompt_logprobs=seq.prompt_logprobs, finished=finished,
-            finish_reason=self.finish_reason, metrics=self.metrics() if finished else {})
+            finish_reason=self.finish_reason, metrics=self.metrics() if finished else {},
+            # set before the sequence finished (`Sequence.fail`), so the snapshot's finish covers it
+            error=seq.error if finished else None)
 
     def metrics(self) -> dict[str, float]:
         seq = self.seq

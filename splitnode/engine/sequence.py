@@ -42,6 +42,7 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why it failed on its own (see `fail`); None otherwise
         self.num_preemptions = 0
         self.num_skipped = 0  # batches this decode waited out: its priority grows with it
         # Runtime: set from the event loop; the worker owning the sequence frees it at its next step.
@@ -87,6 +88,12 @@ class Sequence:
     def finish(self, reason: str) -> None:
         self.status = SeqStatus.FINISHED
         self.finish_reason = reason
+
+    def fail(self, message: str) -> None:
+        """Ends this sequence alone, for a failure of its own (its sampling, its logprobs): the
+        caller frees its blocks and reports it among the finished ones; its batch goes on."""
+        self.error = message
+        self.finish("abort")
 
     def reset_for_recompute(self) -> None:
         """Forget the cache: the next chunk recomputes every token (prompt and outputs so far)."""

@@ -9,7 +9,7 @@ import torch
 
 from splitnode.engine.config import EngineConfig
 from splitnode.runtime.pools import ROLES, check_phases
-from splitnode.runtime.worker import TransferPolicy
+from splitnode.runtime.worker import WorkerPolicy
 
 
 @dataclass
@@ -26,6 +26,8 @@ class RuntimeConfig(EngineConfig):
     borrow_kv_occupancy: float = 0.9  # token KV occupancy past which a prompt worker turns mixed
     repurpose_after_s: float = 120.0  # a worker borrowed this long changes pool for good
     autoscale_interval_s: float = 0.25
+    drain_timeout_s: float = 60.0  # a drain-mode role change migrates what is left after this long
+    max_active_requests: int = 4096  # requests in flight past which new ones are refused (overloaded)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,15 +41,17 @@ class RuntimeConfig(EngineConfig):
                 raise ValueError(f"RuntimeConfig.roles[{name!r}] must be one of {ROLES}, got {role!r}")
         self.roles = {d: self.roles.get(d, "mixed") for d in self.devices}
         check_phases(self.roles.values())
-        if self.layerwise_min_tokens < 1 or self.transfer_timeout_s <= 0 or self.reservation_lease_s <= 0:
-            raise ValueError("RuntimeConfig: layerwise_min_tokens, transfer_timeout_s and reservation_lease_s "
-                             "must be positive")
+        if (self.layerwise_min_tokens < 1 or self.transfer_timeout_s <= 0 or self.reservation_lease_s <= 0
+                or self.drain_timeout_s <= 0 or self.max_active_requests < 1):
+            raise ValueError("RuntimeConfig: layerwise_min_tokens, transfer_timeout_s, reservation_lease_s, "
+                             "drain_timeout_s and max_active_requests must be positive")
         if not 0 < self.borrow_kv_occupancy <= 1:
             raise ValueError(f"RuntimeConfig.borrow_kv_occupancy must be in (0, 1], got {self.borrow_kv_occupancy}")
 
     @property
-    def transfer_policy(self) -> TransferPolicy:
-        return TransferPolicy(self.layerwise_min_tokens, self.transfer_timeout_s, self.reservation_lease_s)
+    def worker_policy(self) -> WorkerPolicy:
+        return WorkerPolicy(self.layerwise_min_tokens, self.transfer_timeout_s, self.reservation_lease_s,
+                            self.drain_timeout_s)
 
 
 def parse_devices(spec) -> list[str]:

@@ -58,6 +58,7 @@ class TokenEvent:
     seq_id: int
     num_out: int
     finish_reason: str | None
+    error: str | None = None  # the sequence failed on its own (finish_reason "abort"): why
 
 
 @dataclass(frozen=True)

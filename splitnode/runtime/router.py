@@ -31,6 +31,8 @@ class Router:
         p.routed_prompt_tokens += seq.num_tokens
         if p.role is Role.MIXED and p.target_role is None:
             return p  # the mixed pool runs both phases: no transfer
+        if p.num_stuck_handoffs:
+            return p  # it would give the reservation up at once (see Worker._hand_off): room at hand-off
         with self._lock:
             for t in self._by_headroom(exclude=p):
                 pool = t.engine.pool

@@ -50,6 +50,7 @@ class DeviceStatus(TypedDict):
     steps: int
     busy_s: float
     error: str | None  # why the worker failed (it takes no work)
+    role_change_waits_for: str | None  # what the role change under way waits for, if it waits
     gpu: GPUSample
 
 
@@ -99,6 +100,8 @@ class PolicyStatus(TypedDict):
     layerwise_min_tokens: int
     transfer_timeout_s: float
     reservation_lease_s: float
+    drain_timeout_s: float
+    max_active_requests: int
     max_num_batched_tokens: int
 
 

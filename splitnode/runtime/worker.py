@@ -49,10 +49,11 @@ PickDest = Callable[[Sequence, "Worker"], "tuple[Worker | None, list[int] | None
 
 
 @dataclass(frozen=True)
-class TransferPolicy:
+class WorkerPolicy:
     layerwise_min_tokens: int = 512  # prompts this long send their KV layer by layer
     transfer_timeout_s: float = 30.0  # past it the destination recomputes the prefill
     reservation_lease_s: float = 30.0  # renewed every batch while the prompt is here
+    drain_timeout_s: float = 60.0  # a drain-mode role change migrates what is left after this long
 
 
 @dataclass(eq=False)
@@ -91,7 +92,7 @@ class _LayerJob(NamedTuple):
 
 class Worker:
     def __init__(self, index: int, name: str, engine: Engine, mover: KVMover, listener: WorkerListener,
-                 pick_dest: PickDest, policy: TransferPolicy = TransferPolicy()):
+                 pick_dest: PickDest, policy: WorkerPolicy = WorkerPolicy()):
         self.index = index
         self.name = name  # "cuda:0", "cpu:1" for the second CPU worker, "cuda:0/1" for a second on cuda:0
         self.engine = engine
@@ -101,6 +102,7 @@ class Worker:
         self.policy = policy
         self.target_role: Role | None = None  # set while a role change is under way
         self.mode = "drain"
+        self._change_asked_at = 0.0  # time.monotonic() of the change under way
         # target_role/mode are written by `request_role` (the loop) and cleared here: a generation
         # number tells a change that is done from one asked for meanwhile.
         self._role_lock = threading.Lock()
@@ -114,6 +116,7 @@ class Worker:
         self.done_prompt_tokens = 0  # written by this thread only
         self.last_batch_size = 0
         self.last_batch_tokens = 0
+        self.num_stuck_handoffs = 0  # prefilled here, no room on any token worker (read by the router)
         self.num_steps = 0
         self.busy_s = 0.0
         self._thread = threading.Thread(target=self._main, name=f"splitnode-{name}", daemon=True)
@@ -154,6 +157,7 @@ class Worker:
             self._role_gen += 1
             self.mode = mode
             self.target_role = Role(role)
+            self._change_asked_at = time.monotonic()
             gen = self._role_gen
         self.wake.set()
         return gen
@@ -188,7 +192,24 @@ class Worker:
             "batch_size": self.last_batch_size, "batch_tokens": self.last_batch_tokens,
             "pending_prompt_tokens": e.batcher.num_pending_prompt_tokens, "steps": self.num_steps,
             "busy_s": round(self.busy_s, 3), "error": None if self.error is None else repr(self.error),
+            "role_change_waits_for": self._role_change_waits_for(),
         }
+
+    def _role_change_waits_for(self) -> str | None:
+        """Why the change under way is not done yet, for status (read from the loop: a snapshot)."""
+        target = self.target_role
+        if target is None or Role(target).decodes:
+            return None
+        num_decodes = sum(1 for s in list(self.engine.batcher.running) if s.is_decode)
+        num_arriving = len(self.arrivals)
+        if not num_decodes and not num_arriving:
+            return None
+        if self._keeps_decodes():
+            left = self.policy.drain_timeout_s - (time.monotonic() - self._change_asked_at)
+            how = f"draining {num_decodes} decodes here (then migrating them, in {max(0.0, left):.0f} s)"
+        else:
+            how = f"migrating {num_decodes} decodes to token workers with room"
+        return how + (f"; {num_arriving} sequences landing first" if num_arriving else "")
 
     # -- the worker thread --------------------------------------------------------------------
 
@@ -261,7 +282,8 @@ class Worker:
         return True
 
     def _emit(self, seqs: list[Sequence], reason: str | None = None) -> None:
-        events = [TokenEvent(s.seq_id, s.num_tokens - s.num_prompt_tokens, reason or s.finish_reason) for s in seqs]
+        events = [TokenEvent(s.seq_id, s.num_tokens - s.num_prompt_tokens, reason or s.finish_reason, s.error)
+                  for s in seqs]
         if events:
             self.listener.on_tokens(events)
 
@@ -328,28 +350,57 @@ class Worker:
     def _keeps_decodes(self) -> bool:
         """Finish decodes here rather than hand them off."""
         if self.target_role is not None and not Role(self.target_role).decodes:
-            return self.mode == "drain"  # leaving decode work: finish it here, or move it out
+            # leaving decode work: finish it here (drain, for a bounded time), or move it out
+            return self.mode == "drain" and time.monotonic() - self._change_asked_at < self.policy.drain_timeout_s
         return Role(self.target_role or self.role).decodes
 
+    # Waits between workers, and why they never close into a cycle. A sequence waiting to move
+    # ("stuck": prefilled here, no room on any token worker) holds blocks here and waits for blocks
+    # there. Blocks on a token worker are held by (a) its own sequences and arrivals, which run or
+    # land without this worker and free them in finite time, and (b) reservations and claimed
+    # blocks of sequences still waiting or mid-prefill here, which may wait for blocks here that
+    # the stuck sequence holds: the one edge back. So when a hand-off finds no room, every
+    # sequence here that is not yet prefilled gives up what it holds on token workers (it finds
+    # room at its own hand-off, and layer-wise sending stops for it), and while any hand-off here
+    # is stuck the router reserves nothing for new prompts routed here. A stuck sequence then waits
+    # only for (a); every other wait here (for blocks on this worker) ends when it moves.
     def _hand_off(self) -> None:
+        num_stuck = 0
         for seq in [s for s in self.engine.batcher.running if self._handoff_due(s)]:
-            h = seq.handoff
-            if h is not None and (h.dest.error is not None or not h.dest.decodes_after_change):
-                self._release_handoff(seq)  # its token worker died or is leaving decode work: find another
-                h = None
-            dest, blocks, sent = None, None, False
-            if h is not None:
-                dest = h.dest
-                claimed, h.blocks = h.blocks, None
-                # the layer-wise sends already wrote every computed token there
-                sent = claimed is not None and h.num_sent_for(seq) == seq.num_computed
-                blocks = self._fit(dest, claimed if claimed is not None else dest.engine.pool.claim(seq.seq_id), seq)
-            if blocks is None:  # no reservation (or its lease ran out): find room now
+            dest, blocks, sent = self._destination(seq)
+            if dest is None:
+                self._give_up_token_side_holds()
                 dest, blocks = self.pick_dest(seq, self)
                 sent = False
             if dest is None:
-                continue  # no token worker has room: keep the KV here and try again next turn
+                num_stuck += 1
+                continue  # keep the KV here and try again next turn
             self._move(seq, dest, blocks, layers_done=sent)
+        self.num_stuck_handoffs = num_stuck
+
+    def _destination(self, seq: Sequence) -> tuple[Worker | None, list[int] | None, bool]:
+        """Where seq goes, its blocks there, and whether the layer-wise sends already wrote every
+        computed token: its reservation (grown to the sequence), else any token worker with room."""
+        h = seq.handoff
+        if h is not None and (h.dest.error is not None or not h.dest.decodes_after_change):
+            self._release_handoff(seq)  # its token worker died or is leaving decode work: find another
+            h = None
+        if h is not None:
+            claimed, h.blocks = h.blocks, None
+            sent = claimed is not None and h.num_sent_for(seq) == seq.num_computed
+            blocks = self._fit(h.dest, claimed if claimed is not None else h.dest.engine.pool.claim(seq.seq_id), seq)
+            if blocks is not None:
+                return h.dest, blocks, sent
+        dest, blocks = self.pick_dest(seq, self)  # no reservation (or its lease ran out): room now
+        return dest, blocks, False
+
+    def _give_up_token_side_holds(self) -> None:
+        """Sequences not yet prefilled here release their reservations and claimed blocks on
+        token workers (see the comment above `_hand_off`)."""
+        b = self.engine.batcher
+        for seq in [*b.waiting, *b.running]:
+            if seq.handoff is not None and not seq.is_decode:
+                self._release_handoff(seq)
 
     @staticmethod
     def _fit(dest: Worker, blocks: list[int] | None, seq: Sequence) -> list[int] | None:

@@ -21,14 +21,70 @@ def llm(make_llm):
     return make_llm(ARCH)
 
 
+INF, NAN = float("inf"), float("nan")
+
+
 @pytest.mark.parametrize("field, value", [
-    ("max_tokens", 0), ("temperature", -0.5), ("temperature", float("nan")), ("top_k", -2), ("top_p", 0.0),
-    ("top_p", 1.5), ("min_p", 1.5), ("repetition_penalty", 0.0), ("seed", 1.5), ("logprobs", 21),
-    ("prompt_logprobs", -1), ("stop", [""]), ("stop_token_ids", [-1]), ("temperature", "hot"), ("top_k", 2.0),
+    ("max_tokens", 0), ("max_tokens", 2**31), ("max_tokens", 10**30), ("temperature", -0.5), ("temperature", NAN),
+    ("temperature", INF), ("temperature", -INF), ("temperature", 1e5), ("temperature", 10**400), ("top_k", -2),
+    ("top_k", 2**31), ("top_p", 0.0), ("top_p", 1.5), ("top_p", NAN), ("top_p", INF), ("min_p", 1.5),
+    ("min_p", -0.1), ("min_p", NAN), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("repetition_penalty", 1e-5), ("repetition_penalty", 1e5), ("repetition_penalty", NAN),
+    ("repetition_penalty", INF), ("seed", 2**63), ("seed", -2**63 - 1), ("logprobs", 21), ("logprobs", -1),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 10**6), ("stop", [""]), ("stop", ["x" * 1025]),
+    ("stop", ["a"] * 65), ("stop_token_ids", [-1]), ("stop_token_ids", [2**31]),
+    ("stop_token_ids", list(range(1025))),
 ])
-def test_invalid_params_raise_value_error_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+def test_out_of_range_params_raise_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^SamplingParams\.{field} must be ") as e:
         SamplingParams(**{field: value})
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200  # one short line, even for a huge value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("ignore_eos", "yes"), ("ignore_eos", 1), ("ignore_eos", None), ("skip_special_tokens", 5),
+    ("skip_special_tokens", "false"), ("max_tokens", 16.0), ("max_tokens", "16"), ("max_tokens", True),
+    ("max_tokens", None), ("temperature", "hot"), ("temperature", None), ("temperature", True), ("top_k", 2.0),
+    ("top_k", False), ("top_p", "0.5"), ("min_p", [0.1]), ("repetition_penalty", None), ("seed", 1.5),
+    ("seed", True), ("seed", "7"), ("logprobs", 1.0), ("logprobs", True), ("prompt_logprobs", "2"), ("stop", 5),
+    ("stop", {"a": 1}), ("stop", [1]), ("stop", [b"x"]), ("stop_token_ids", [1.0]), ("stop_token_ids", [True]),
+    ("stop_token_ids", "12"), ("stop_token_ids", 12),
+])
+def test_wrongly_typed_params_raise_value_error_naming_the_field_and_type(field, value):
+    with pytest.raises(ValueError, match=rf"^SamplingParams\.{field} must be .*, got {type(value).__name__} "):
+        SamplingParams(**{field: value})
+
+
+def test_valid_edge_values_are_kept_and_normalised():
+    p = SamplingParams(temperature=1, top_p=1, min_p=0, repetition_penalty=2, stop="end", stop_token_ids=(3, 4),
+                       top_k=-1, seed=-1, logprobs=0, prompt_logprobs=20, max_tokens=2**31 - 1)
+    assert (p.temperature, p.top_p, p.min_p, p.repetition_penalty) == (1.0, 1.0, 0.0, 2.0)
+    assert all(type(v) is float for v in (p.temperature, p.top_p, p.min_p, p.repetition_penalty))
+    assert p.stop == ["end"] and p.stop_token_ids == [3, 4] and not p.is_greedy
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+    assert SamplingParams(seed=2**63 - 1, repetition_penalty=1e4, temperature=1e4).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-40, 5e-324, 9.9e-6])
+def test_tiny_temperatures_are_greedy(temperature):
+    """Below 1e-5 the float32 draw is the argmax anyway: the sampler never divides by them."""
+    assert SamplingParams(temperature=temperature).is_greedy
+    assert not SamplingParams(temperature=1e-5).is_greedy
+
+
+def test_a_clients_bad_map_is_refused_before_any_device(llm):
+    """The socket API builds SamplingParams from the client's map: these are the server's checks."""
+    from splitnode.api.protocol import sampling_params
+
+    for bad in ({"ignore_eos": "yes"}, {"skip_special_tokens": 5}, {"temperature": NAN}, {"top_p": INF},
+                {"max_tokens": 10**12}, {"stop": [None]}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sampling_params(bad)
+    tiny = sampling_params({"temperature": 1e-40, "max_tokens": 8, "ignore_eos": True})
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts(3), tiny)] == [o.token_ids for o in
+                                                                     llm.generate(prompts(3), greedy)]
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
 
 
 def test_request_errors_are_clear_and_leave_nothing_queued(make_llm):

@@ -9,6 +9,7 @@ import random
 import threading
 
 import pytest
+from polling import until
 
 from splitnode import LLM, SamplingParams
 from splitnode.engine.sequence import Sequence
@@ -173,8 +174,7 @@ async def test_routing_while_the_prompt_worker_schedules_does_not_raise(monkeypa
         P.engine.step = step
         P.engine.batcher.schedule = schedule
         first = asyncio.ensure_future(collect(rt, prompt(20, seed=4)))
-        await asyncio.sleep(0)
-        assert in_step.wait(WAIT)  # P holds the first request in `waiting`, about to schedule it
+        await until(in_step.is_set, WAIT)  # tokenized off the loop, then P holds it, about to schedule it
         assert len(P.engine.batcher.waiting) == 1
 
         real_pending = Sequence.num_pending
