@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  epilog="The checks and the figures are printed at the end; exit 1 if a check fails.")
     ap.add_argument("--duration-s", type=float, default=30.0, help="how long clients send (default: %(default)s)")
     ap.add_argument("--max-requests", type=int, default=None, help="stop after this many requests in all")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="split the duration into this many load rounds, the server's idle RSS read after "
+                         "each (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients (default: %(default)s)")
     ap.add_argument("--devices", default="cpu:3", help="serve --devices (default: %(default)s)")
     ap.add_argument("--num-kv-blocks", type=int, default=256, help="serve --num-kv-blocks (default: %(default)s)")
@@ -78,8 +81,8 @@ class Soak:
         limit = self.args.max_requests
         return time.monotonic() < self.deadline and (limit is None or self.num_requests < limit)
 
-    async def run(self) -> None:
-        self.deadline = time.monotonic() + self.args.duration_s
+    async def run(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
         tasks = [asyncio.ensure_future(self._client(i)) for i in range(self.args.clients)]
         mover = asyncio.ensure_future(self._move_roles()) if self.args.role_change_every_s > 0 else None
         await asyncio.gather(*tasks)
@@ -240,11 +243,15 @@ async def main_async(args: argparse.Namespace) -> int:
             for prompt in soak.prompts[:4]:
                 [ev async for ev in c.generate(prompt, {"max_tokens": 8, "temperature": 0.0})]
         rss0 = await idle_rss(proc.pid) if proc is not None else None
-        t0 = time.monotonic()
         sys.stderr.write(f"soak: {args.clients} clients for {args.duration_s:.0f} s against {path}\n")
-        await soak.run()
-        seconds = time.monotonic() - t0
-        st = await idle_status(path)
+        rss_rounds, seconds = [], 0.0
+        for _ in range(args.rounds):
+            t0 = time.monotonic()
+            await soak.run(args.duration_s / args.rounds)
+            seconds += time.monotonic() - t0
+            await idle_status(path)
+            if proc is not None:
+                rss_rounds.append(round(await idle_rss(proc.pid), 1))
         changed = soak.changed + await soak.rerun_alone()
         st = await idle_status(path)
         rss1 = await idle_rss(proc.pid) if proc is not None else None
@@ -273,7 +280,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "errors": dict(soak.errors), "role_changes": dict(soak.role_changes),
         "greedy_checked": len(soak.completed), "greedy_changed": len(changed),
         "kv_blocks_held_at_idle": held, "rss_idle_mib_before": rss0 and round(rss0, 1),
-        "rss_idle_mib_after": rss1 and round(rss1, 1), "finished_server_side": st["requests"]["finished"],
+        "rss_idle_mib_after": rss1 and round(rss1, 1), "rss_idle_mib_by_round": rss_rounds,
+        "finished_server_side": st["requests"]["finished"],
         "checks": checks,
     }
     print(f"soak: {soak.num_requests} requests from {args.clients} clients in {seconds:.0f} s on {args.devices}; "
@@ -282,7 +290,8 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"      greedy outputs re-checked {len(soak.completed)} distinct, changed {len(changed)}; "
           f"KV blocks held at idle {held}")
     if rss0 is not None:
-        print(f"      server idle RSS {rss0:.0f} MiB -> {rss1:.0f} MiB ({rss1 - rss0:+.0f} MiB)")
+        print(f"      server idle RSS {rss0:.0f} MiB -> {rss1:.0f} MiB ({rss1 - rss0:+.0f} MiB); "
+              f"after each round {rss_rounds}")
     for name, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {name}")
     if args.json:
