@@ -40,6 +40,7 @@ ENGINE_HELP = {
     "borrow_kv_occupancy": "token-side KV occupancy past which a prompt worker is borrowed into the mixed pool",
     "repurpose_after_s": "a worker borrowed this long moves to the other pool for good",
     "autoscale_interval_s": "how often the pool policy looks at the queues",
+    "cpu_threads": "cores (and torch threads) of each CPU worker (default: the machine's cores shared out evenly)",
     "drain_timeout_s": "a drain-mode role change moves the decodes still left after this many seconds",
     "max_active_requests": "requests in flight past which new ones are refused as overloaded",
 }

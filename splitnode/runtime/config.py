@@ -3,6 +3,7 @@ and the transfer and pool policy."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class RuntimeConfig(EngineConfig):
     borrow_kv_occupancy: float = 0.9  # token KV occupancy past which a prompt worker turns mixed
     repurpose_after_s: float = 120.0  # a worker borrowed this long changes pool for good
     autoscale_interval_s: float = 0.25
+    cpu_threads: int | None = None  # cores of each CPU worker; default: the machine's, shared out evenly
     drain_timeout_s: float = 60.0  # a drain-mode role change migrates what is left after this long
     max_active_requests: int = 4096  # requests in flight past which new ones are refused (overloaded)
 
@@ -45,6 +47,8 @@ class RuntimeConfig(EngineConfig):
                 or self.drain_timeout_s <= 0 or self.max_active_requests < 1):
             raise ValueError("RuntimeConfig: layerwise_min_tokens, transfer_timeout_s, reservation_lease_s, "
                              "drain_timeout_s and max_active_requests must be positive")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"RuntimeConfig.cpu_threads must be None or >= 1, got {self.cpu_threads}")
         if not 0 < self.borrow_kv_occupancy <= 1:
             raise ValueError(f"RuntimeConfig.borrow_kv_occupancy must be in (0, 1], got {self.borrow_kv_occupancy}")
 
@@ -102,3 +106,21 @@ def default_roles(devices: list[str]) -> dict[str, str]:
         return {devices[0]: "mixed"}
     num_prompt = max(1, len(devices) // 3)
     return {d: ("prompt" if i < num_prompt else "token") for i, d in enumerate(devices)}
+
+
+def cpu_core_sets(worker_names: list[str], cpu_threads: int | None,
+                  cores: list[int] | None = None) -> tuple[dict[str, frozenset[int]], str | None]:
+    """Each CPU worker's own cores, so `cpu:N` workers are N devices that do not steal from each
+    other: `cpu_threads` each (default: the cores this process may use, shared out evenly). Returns
+    the sets and, when they overlap (more threads asked than cores), a warning saying so."""
+    names = [n for n in worker_names if torch_device(n) == "cpu"]
+    if not names:
+        return {}, None
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    each = cpu_threads or max(1, len(cores) // len(names))
+    sets = {n: frozenset(cores[(i * each + j) % len(cores)] for j in range(each)) for i, n in enumerate(names)}
+    need = each * len(names)
+    if need <= len(cores):
+        return sets, None
+    return sets, (f"{len(names)} CPU workers x {each} threads on {len(cores)} cores: the workers share cores "
+                  f"and slow each other down (give fewer CPU workers or --cpu-threads)")

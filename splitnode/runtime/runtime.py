@@ -25,7 +25,7 @@ from splitnode.engine.engine import Engine, resolve_model_path
 from splitnode.engine.outputs import Prompt, RequestOutput, RequestState, new_request
 from splitnode.engine.sampling import SamplingParams
 from splitnode.model.tokenizer import Tokenizer
-from splitnode.runtime.config import RuntimeConfig, default_roles, parse_devices, torch_device
+from splitnode.runtime.config import RuntimeConfig, cpu_core_sets, default_roles, parse_devices, torch_device
 from splitnode.runtime.messages import Add, Arrive, RoleReached, TokenEvent, WorkerFailed
 from splitnode.runtime.pools import Autoscaler, Pools
 from splitnode.runtime.router import Router
@@ -87,6 +87,7 @@ class Runtime:
         self.autoscaler = Autoscaler(self.pools, self.config)
         self.tokenizer: Tokenizer | None = None
         self.max_model_len = 0
+        self.cpu_warning: str | None = None  # CPU workers share cores (set in start())
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._seeds = random.Random(self.config.seed)  # seeds of unseeded requests: runs repeat
@@ -112,6 +113,9 @@ class Runtime:
         cfg = self.config
         path = resolve_model_path(cfg.model)
         self.tokenizer = Tokenizer(path)
+        cores, self.cpu_warning = cpu_core_sets(cfg.devices, cfg.cpu_threads)
+        if self.cpu_warning:
+            log.warning("%s", self.cpu_warning)
         per_device: dict[str, int] = {}
         for name in cfg.devices:
             dev = torch_device(name)
@@ -125,7 +129,7 @@ class Runtime:
             log.info("loading %s on %s (%s)", path, name, cfg.roles[name])
             engine = await asyncio.to_thread(Engine, cfg, cfg.roles[name], dev, path, share)
             self.workers.append(Worker(i, name, engine, self.mover, self, self.router.pick_dest,
-                                       cfg.worker_policy))
+                                       cfg.worker_policy, cores.get(name)))
         self.max_model_len = min(w.engine.max_model_len for w in self.workers)
         for w in self.workers:
             w.start()
@@ -300,7 +304,8 @@ class Runtime:
         done = list(self._finished_metrics)
         policy: PolicyStatus = {k: getattr(self.config, k) for k in PolicyStatus.__annotations__}
         return {
-            "runtime": {"model": self.config.model or "demo", "uptime_s": time.monotonic() - self.started_at},
+            "runtime": {"model": self.config.model or "demo", "uptime_s": time.monotonic() - self.started_at,
+                        "warnings": [self.cpu_warning] if self.cpu_warning else []},
             "devices": devices,
             "requests": {"active": len(active), "finished": self.num_finished,
                          "num_generated_tokens": self.num_generated_tokens,

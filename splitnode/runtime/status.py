@@ -51,6 +51,7 @@ class DeviceStatus(TypedDict):
     busy_s: float
     error: str | None  # why the worker failed (it takes no work)
     role_change_waits_for: str | None  # what the role change under way waits for, if it waits
+    cpu_cores: list[int] | None  # a CPU worker's own cores; None on a GPU
     gpu: GPUSample
 
 
@@ -64,6 +65,7 @@ class PoolSignals(TypedDict):
 class RuntimeInfo(TypedDict):
     model: str
     uptime_s: float
+    warnings: list[str]  # e.g. CPU workers sharing cores
 
 
 class InFlight(TypedDict, total=False):

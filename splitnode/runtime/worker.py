@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -92,7 +93,7 @@ class _LayerJob(NamedTuple):
 
 class Worker:
     def __init__(self, index: int, name: str, engine: Engine, mover: KVMover, listener: WorkerListener,
-                 pick_dest: PickDest, policy: WorkerPolicy = WorkerPolicy()):
+                 pick_dest: PickDest, policy: WorkerPolicy = WorkerPolicy(), cpu_cores: frozenset[int] | None = None):
         self.index = index
         self.name = name  # "cuda:0", "cpu:1" for the second CPU worker, "cuda:0/1" for a second on cuda:0
         self.engine = engine
@@ -100,6 +101,7 @@ class Worker:
         self.listener = listener
         self.pick_dest = pick_dest
         self.policy = policy
+        self.cpu_cores = cpu_cores  # a CPU worker's own cores (None: wherever the OS puts it)
         self.target_role: Role | None = None  # set while a role change is under way
         self.mode = "drain"
         self._change_asked_at = 0.0  # time.monotonic() of the change under way
@@ -193,6 +195,7 @@ class Worker:
             "pending_prompt_tokens": e.batcher.num_pending_prompt_tokens, "steps": self.num_steps,
             "busy_s": round(self.busy_s, 3), "error": None if self.error is None else repr(self.error),
             "role_change_waits_for": self._role_change_waits_for(),
+            "cpu_cores": None if self.cpu_cores is None else sorted(self.cpu_cores),
         }
 
     def _role_change_waits_for(self) -> str | None:
@@ -219,6 +222,11 @@ class Worker:
             if self.engine.device.type == "cuda":
                 torch.cuda.set_device(self.engine.device)
                 stream = torch.cuda.stream(self.engine.compute_stream)
+            elif self.cpu_cores:
+                # This thread and the OpenMP team it starts (threads inherit the mask) run on these
+                # cores only; torch's intra-op thread count is per calling thread.
+                os.sched_setaffinity(threading.get_native_id(), self.cpu_cores)
+                torch.set_num_threads(len(self.cpu_cores))
             with stream, torch.inference_mode():
                 while not self._stopping:
                     self._turn()
