@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from splitnode.api.commands import run_server
 
-    return run_server("up", lambda config, path: _up(config, path, args.load), args, engine_kwargs)
+    return run_server("up", lambda config, path, grace_s: _up(config, path, args.load, grace_s), args, engine_kwargs)
 
 
 def dash(args: argparse.Namespace) -> int:
@@ -45,18 +46,30 @@ def dash(args: argparse.Namespace) -> int:
 
 
 
-async def _up(config, path: Path, load: bool) -> int:
+async def _up(config, path: Path, load: bool, shutdown_grace_s: float = 0.0) -> int:
     from splitnode.api.commands import serving
     from splitnode.tui.app import Dashboard
     from splitnode.tui.backend import LocalBackend
 
     # each worker's load line is shown here, before the dashboard owns the terminal
-    async with serving(config, path, worker_progress=True) as (rt, seconds):
+    async with serving(config, path, worker_progress=True, shutdown_grace_s=shutdown_grace_s) as (rt, seconds, stop):
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
         print(f"splitnode: loaded in {seconds:.1f}s; {roles}; serving on {path}", file=sys.stderr, flush=True)
-        await Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load).run_async()
+        app = Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load)
+        # SIGTERM (or SIGINT) stops `up` as q does: the app exits and gives the terminal back, then
+        # the same shutdown runs (and a second signal cuts its grace short).
+        on_stop = asyncio.get_running_loop().create_task(_exit_on(stop, app))
+        try:
+            await app.run_async()
+        finally:
+            on_stop.cancel()
     print("splitnode: stopped", file=sys.stderr)
     return 0
+
+
+async def _exit_on(stop: asyncio.Event, app) -> None:
+    await stop.wait()
+    app.exit()
 
 
 async def _dash(path: Path) -> int:

@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +28,9 @@ class _Stream:
 
 
 class Client:
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, connect_timeout_s: float = 10.0):
         self.path = Path(path) if path is not None else p.default_socket_path()
+        self.connect_timeout_s = connect_timeout_s  # how long a full listen backlog is retried
         self._msgids = itertools.count()
         self._calls: dict[int, asyncio.Future] = {}
         self._streams: dict[int, _Stream] = {}
@@ -48,12 +52,36 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        try:
-            reader, self._writer = await asyncio.open_unix_connection(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise p.ServerNotRunning(
-                f"no splitnode server at {self.path} ({e.strerror or e}); start one with `splitnode serve`") from None
+        sock = await self._connect_socket()
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock)
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _connect_socket(self) -> socket.socket:
+        """connect() by hand: a non-blocking Unix socket's connect fails with EAGAIN while the
+        server's listen backlog is full (a crowd connecting at once), and asyncio's connect takes
+        that for a connection and fails later (EINVAL). A full backlog is retried, backing off
+        with jitter, for connect_timeout_s."""
+        deadline, delay = time.monotonic() + self.connect_timeout_s, 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(self.path))
+                return sock
+            except BlockingIOError:
+                sock.close()
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                raise p.ServerNotRunning(
+                    f"no splitnode server at {self.path} ({e.strerror or e}); start one with `splitnode serve`") from None
+            except BaseException:
+                sock.close()
+                raise
+            if time.monotonic() + delay > deadline:
+                raise p.ServerBusy(f"the splitnode server at {self.path} did not accept the connection in "
+                                   f"{self.connect_timeout_s:g}s (its listen backlog stayed full); try again later")
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(2 * delay, 0.1)
 
     async def close(self) -> None:
         if self._writer is not None:

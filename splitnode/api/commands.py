@@ -16,8 +16,10 @@ from pathlib import Path
 from splitnode.api import protocol as p
 
 SERVE_DESCRIPTION = ("Start the phase-split runtime on DEVICES and serve it on a Unix socket (msgpack-RPC), "
-                     "without the dashboard. Runs until interrupted. Refuses to start where a server already "
-                     "answers on the socket; a stale socket is removed.")
+                     "without the dashboard. Runs until SIGINT (Ctrl-C) or SIGTERM, then stops accepting, lets "
+                     "open requests finish for --shutdown-grace-s and ends the rest with a 'shutting down' error. "
+                     "Refuses to start where a server already answers on the socket; a stale socket is removed.")
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
 
 
 def add_socket_arg(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a third of the devices prompt, the rest token; one device mixed)")
     parser.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
                         help="let the policy borrow and re-purpose devices that no one pinned (default: %(default)s)")
+    parser.add_argument("--shutdown-grace-s", type=_seconds, default=DEFAULT_SHUTDOWN_GRACE_S, metavar="S",
+                        help="on stopping, how long open requests may take to finish before each is ended with a "
+                             "'shutting down' error; a second Ctrl-C or SIGTERM ends them at once (default: %(default)s)")
     add_socket_arg(parser)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def parse_roles(spec: str | None) -> dict[str, str] | None:
@@ -55,14 +70,14 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
 def run_server(command: str, main, args: argparse.Namespace, engine_kwargs: dict) -> int:
     """`serve` and `up`: the RuntimeConfig from the flags (bad values fail here, before the model
-    loads), then `main(config, socket_path)` on the event loop, and the start-up errors that are
-    the user's to fix as one line and exit 2."""
+    loads), then `main(config, socket_path, shutdown_grace_s)` on the event loop, and the start-up
+    errors that are the user's to fix as one line and exit 2."""
     from splitnode.runtime import RuntimeConfig, run_event_loop
 
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
                            **engine_kwargs)
     try:
-        return run_event_loop(main(config, args.socket or p.default_socket_path()))
+        return run_event_loop(main(config, args.socket or p.default_socket_path(), args.shutdown_grace_s))
     except (p.SocketInUse, PermissionError, FileExistsError) as e:
         print(f"splitnode {command}: error: {e}", file=sys.stderr)
         return 2
@@ -72,12 +87,13 @@ def run_server(command: str, main, args: argparse.Namespace, engine_kwargs: dict
 
 
 @contextlib.asynccontextmanager
-async def serving(config, path: Path, worker_progress: bool = False):
+async def serving(config, path: Path, worker_progress: bool = False, shutdown_grace_s: float = 0.0):
     """What `serve` and `up` both run in: the socket checked free (before minutes of loading, not
-    after), the runtime loaded, the socket served; on the way out the server closes, then the
-    runtime stops. Yields (runtime, seconds the start took). `worker_progress` prints each
-    worker's load line (the runtime logs them), for a caller about to hand the terminal to a
-    dashboard."""
+    after), the runtime loaded, the socket served. Yields (runtime, seconds the start took, stop):
+    `stop` is set by the first SIGINT or SIGTERM. On the way out the server shuts down (open
+    requests get `shutdown_grace_s`; a second signal cuts it short), then the runtime stops.
+    `worker_progress` prints each worker's load line (the runtime logs them), for a caller about
+    to hand the terminal to a dashboard."""
     from splitnode.api import server
     from splitnode.runtime import Runtime
 
@@ -91,12 +107,47 @@ async def serving(config, path: Path, worker_progress: bool = False):
         await rt.start()
     try:
         srv = await server.serve(rt, path)
-        try:
-            yield rt, time.perf_counter() - t0
-        finally:
-            await srv.close()
+        stop = asyncio.Event()
+        with _stop_signals(stop, srv):
+            try:
+                yield rt, time.perf_counter() - t0, stop
+            finally:
+                await _shut_down(srv, shutdown_grace_s)
     finally:
         await rt.stop()
+
+
+@contextlib.contextmanager
+def _stop_signals(stop: asyncio.Event, srv):
+    """The first SIGINT or SIGTERM sets `stop`; the next one (or the first once the shutdown has
+    begun, after `q` in `up`) ends the shutdown's grace: each open request still gets its
+    "shutting down" error, and the exit status is still 0. After that they are Python's own, for
+    a shutdown that hangs."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal() -> None:
+        if not stop.is_set() and not srv.stopping:
+            stop.set()
+            return
+        srv.hurry()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _shut_down(srv, grace_s: float) -> None:
+    if srv.open_requests and grace_s > 0:
+        print(f"splitnode: stopping; {srv.open_requests} open request(s) get up to {grace_s:g}s to finish "
+              f"(Ctrl-C ends them now)", file=sys.stderr, flush=True)
+    await srv.shutdown(grace_s)
 
 
 @contextlib.contextmanager
@@ -114,25 +165,11 @@ def _log_to_stderr(logger: logging.Logger):
         logger.setLevel(level)
 
 
-async def _serve(config, path: Path) -> int:
-    async with serving(config, path) as (rt, seconds):
+async def _serve(config, path: Path, shutdown_grace_s: float) -> int:
+    async with serving(config, path, shutdown_grace_s=shutdown_grace_s) as (rt, seconds, stop):
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
         print(f"splitnode: loaded in {seconds:.1f}s; {roles}", file=sys.stderr)
         print(f"splitnode: serving on {path} (Ctrl-C stops)", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        main = asyncio.current_task()
-        signals = (signal.SIGINT, signal.SIGTERM)
-
-        def on_signal() -> None:
-            if stop.is_set():  # asked twice: stop waiting for a clean stop; a third is Python's own
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
-                main.cancel()
-            stop.set()
-
-        for sig in signals:
-            loop.add_signal_handler(sig, on_signal)
         await stop.wait()
     print("splitnode: stopped", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -118,9 +119,14 @@ def _as_list(name: str, v) -> list:
     return list(v or [])
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 6
+
+
 def _short(value) -> str:
-    """The value's repr, cut: a client's value may be megabytes long."""
-    r = repr(value)
+    """The value's repr, cut and depth-bounded: a client's value may be megabytes long, or nested
+    a thousand deep."""
+    r = _REPR.repr(value)
     return r if len(r) <= 80 else r[:77] + "..."
 
 

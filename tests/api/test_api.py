@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -13,7 +14,9 @@ from polling import until
 
 from splitnode import cli
 from splitnode.api import Client, RemoteError, Server, SocketInUse, serve
+from splitnode.api import server as server_mod
 from splitnode.engine.sampling import SamplingParams
+from splitnode.runtime import Runtime, RuntimeConfig
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
 LONG = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True}  # outlives the test's disconnect
@@ -153,19 +156,37 @@ async def test_oversize_frame_is_an_error_and_closes_the_connection(rt, sock_dir
         raw.close()
 
 
-async def test_open_streams_per_connection_are_limited(rt, sock_dir):
+async def test_past_max_streams_a_request_waits_for_a_slot_instead_of_being_refused(rt, sock_dir):
+    """Flow control, not refusal: this test pinned "too many open requests" for the request past
+    max_streams (issue: pipelined requests refused before any ran); now that request waits until
+    an open one ends. Calls that need no slot (ping, cancel) are answered meanwhile."""
     async with Server(rt, sock_dir / "s.sock", max_streams=2) as srv:
         raw = await RawClient.open(srv.path)
         raw.send(0, 1, "generate", ["a", LONG])
         raw.send(0, 2, "generate", ["b", LONG])
-        raw.send(0, 3, "ping", [])
-        while (m := await raw.recv())[0] == 2:
-            pass
-        assert m[:2] == [1, 3] and "too many open requests" in m[2]["message"] and "limit 2" in m[2]["message"]
+        raw.send(0, 3, "generate", ["c", {"max_tokens": 2, "temperature": 0.0}])  # past the limit
         raw.send(0, 2, "cancel", [0])  # msgid 2 is still streaming
-        while (m := await raw.recv())[0] == 2:
-            pass
-        assert m[:2] == [1, 2] and "msgid 2 is already in use" in m[2]["message"]
+        raw.send(0, 3, "ping", [])  # msgid 3 is waiting: in use too
+        raw.send(0, 5, "ping", [])
+        ids, answers = {}, {}
+        while len(ids) < 2 or len(answers) < 3:
+            m = await raw.recv()
+            if m[0] == 2 and m[1] == "token":
+                ids[m[2][0]] = m[2][1]["request_id"]
+            else:
+                answers[m[1]] = m
+        assert set(ids) == {1, 2}, "the request past max_streams started"
+        assert answers[5] == [1, 5, None, "pong"]
+        for msgid in (2, 3):
+            assert f"msgid {msgid} is already in use" in answers[msgid][2]["message"]
+        raw.send(0, 6, "cancel", [ids[1]])  # frees a slot
+        seen = []
+        while (1, 3) not in seen:
+            m = await raw.recv()
+            seen.append((m[0], m[1]) if m[0] == 1 else (m[0], m[2][0] if m[1] == "token" else m[1]))
+            if m[:2] == [1, 6]:
+                assert m[2:] == [None, True]
+        assert (1, 6) in seen and seen.index((1, 1)) < min(seen.index(x) for x in seen if x[1] == 3), seen
         raw.close()
     await until(lambda: kv_used(rt) == 0)
 
@@ -266,3 +287,85 @@ def test_cli_without_a_server_is_one_line_and_exit_2(sock_dir, capsys):
     assert cli.main(["status", "--socket", str(sock_dir / "none.sock")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no splitnode server at" in err and "splitnode serve" in err
+
+
+async def test_a_client_cancels_only_the_requests_it_started(rt, server):
+    """Issue: any connection could cancel any request. Another connection's id answers false, as
+    an unknown one does; the request id a client may cancel is the one its own stream's events carry."""
+    async with Client(server.path) as a, Client(server.path) as b:
+        events = a.generate("Hello", LONG)
+        ev = await events.__anext__()
+        assert await b.cancel(ev.request_id) is False
+        assert not (await events.__anext__()).finished  # still streaming
+        assert await a.cancel(ev.request_id) is True
+        async for last in events:
+            pass
+        assert last.finish_reason == "abort"
+    await until(lambda: kv_used(rt) == 0)
+
+
+def device(rt, name: str) -> dict:
+    return next(d for d in rt.status()["devices"] if d["name"] == name)
+
+
+async def test_a_closed_clients_queued_requests_end_at_once_and_free_their_blocks(sock_dir):
+    """Issue: a closed client's queued requests kept running, and kept their KV blocks, until one
+    of them wrote an answer that failed. Here a request of the test's own (not over the socket)
+    fills the token worker for a while, so the client's long prompts wait on the prompt worker,
+    prefilled or queued, writing nothing; the client closes: all of its requests end now, while
+    the other one still runs, and every worker's blocks and reservations go back to 0."""
+    config = RuntimeConfig(devices="cpu:2", roles={"cpu:0": "prompt", "cpu:1": "token"}, num_kv_blocks=64,
+                           autoscale=False)
+    async with Runtime(config) as rt, Server(rt, sock_dir / "s.sock") as srv:
+        hog = asyncio.create_task(drain(rt.generate([7] * 600, SamplingParams(max_tokens=424, ignore_eos=True))))
+        await until(lambda: device(rt, "cpu:1")["kv_blocks_used"] >= 38)  # 600 tokens of 1024 on cpu:1
+        c = Client(srv.path)
+        await c.connect()
+        firsts = []
+        streams = [asyncio.create_task(drain(c.generate([9] * 500, {"max_tokens": 8}), firsts)) for _ in range(6)]
+
+        def settled() -> bool:  # two prefilled (all of cpu:0's 64 blocks) and their first token read, four queued
+            cpu0 = device(rt, "cpu:0")
+            return (cpu0["kv_blocks_used"], cpu0["running"], cpu0["waiting"], len(firsts)) == (64, 2, 4, 2)
+
+        await until(settled)
+        await c.close()
+
+        def only_the_hog_left() -> bool:
+            cpu0, cpu1 = device(rt, "cpu:0"), device(rt, "cpu:1")
+            return (rt.status()["requests"]["active"] == 1 and cpu0["kv_blocks_used"] == 0
+                    and cpu0["kv_blocks_reserved"] == 0 and cpu1["kv_blocks_reserved"] == 0)
+
+        await until(only_the_hog_left)
+        assert not hog.done(), "the client's requests ended only once the token worker had room again"
+        hog.cancel()
+        await asyncio.gather(hog, *streams, return_exceptions=True)
+        await until(lambda: kv_used(rt) == 0 and rt.status()["requests"]["active"] == 0)
+
+
+async def drain(events, firsts: list | None = None) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the client closed, the runtime stopped
+        async for ev in events:
+            if firsts is not None and ev.new_token_ids == ev.token_ids:
+                firsts.append(ev.request_id)
+
+
+async def test_a_symlink_at_the_lock_path_is_refused_not_followed(rt, sock_dir):
+    """Issue: the lock file was opened through a symlink planted at `<socket>.lock` (O_CREAT made
+    its target, O_RDWR opened it, flock locked it)."""
+    path = sock_dir / "s.sock"
+    lock, target = sock_dir / "s.sock.lock", sock_dir / "elsewhere"
+    os.symlink(target, lock)
+    for _ in range(2):  # dangling, then pointing at a file
+        with pytest.raises(FileExistsError, match="is a symlink; not following it"):
+            await serve(rt, path)
+        with pytest.raises(FileExistsError, match="is a symlink"):
+            await server_mod.check_socket_free(path)  # `serve` and `up` check before loading
+        assert os.path.islink(lock) and not path.exists()
+        if not target.exists():  # it was not created through the link
+            target.write_text("precious")
+    assert target.read_text() == "precious"
+    os.unlink(lock)
+    async with Server(rt, path), Client(path) as c:
+        assert await c.ping() == "pong"
+    assert not path.exists() and not lock.exists()

@@ -192,3 +192,12 @@ def test_engine_seed_makes_unseeded_sampling_repeat(make_llm):
     assert first == again
     assert first[0] != first[1]  # two requests of one run draw differently
     assert first != other
+
+
+def test_a_value_nested_a_thousand_deep_gets_a_short_error_not_a_recursion_error():
+    value: list = []
+    for _ in range(2000):
+        value = [value]
+    with pytest.raises(ValueError, match=r"SamplingParams\.stop must be") as e:
+        SamplingParams(stop=value)
+    assert len(str(e.value)) < 200
