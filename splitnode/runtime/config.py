@@ -111,16 +111,20 @@ def default_roles(devices: list[str]) -> dict[str, str]:
 def cpu_core_sets(worker_names: list[str], cpu_threads: int | None,
                   cores: list[int] | None = None) -> tuple[dict[str, frozenset[int]], str | None]:
     """Each CPU worker's own cores, so `cpu:N` workers are N devices that do not steal from each
-    other: `cpu_threads` each (default: the cores this process may use, shared out evenly). Returns
-    the sets and, when they overlap (more threads asked than cores), a warning saying so."""
+    other: `cpu_threads` each (default: the cores this process may use, shared out evenly). With
+    more CPU workers than cores and no `cpu_threads`, none is bound: pinned, two of them would
+    share one core while another had one to itself, and the OS balances them better. Returns the
+    sets and, where workers share cores, a warning that says so."""
     names = [n for n in worker_names if torch_device(n) == "cpu"]
     if not names:
         return {}, None
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
-    each = cpu_threads or max(1, len(cores) // len(names))
+    if cpu_threads is None and len(names) > len(cores):
+        return {}, (f"{len(names)} CPU workers on {len(cores)} cores: the workers share cores and slow each "
+                    f"other down (none is bound to cores; give at most {len(cores)} CPU workers)")
+    each = cpu_threads or len(cores) // len(names)
     sets = {n: frozenset(cores[(i * each + j) % len(cores)] for j in range(each)) for i, n in enumerate(names)}
-    need = each * len(names)
-    if need <= len(cores):
+    if each * len(names) <= len(cores):
         return sets, None
     return sets, (f"{len(names)} CPU workers x {each} threads on {len(cores)} cores: the workers share cores "
-                  f"and slow each other down (give fewer CPU workers or --cpu-threads)")
+                  f"and slow each other down (give fewer CPU workers or a smaller --cpu-threads)")

@@ -16,6 +16,8 @@ def test_cores_are_shared_out_evenly_and_overlap_is_reported():
     sets, warning = cpu_core_sets(["cpu:0", "cpu:1"], None, cores=[0, 1, 2, 3])
     assert sets == {"cpu:0": {0, 1}, "cpu:1": {2, 3}} and warning is None
     sets, warning = cpu_core_sets(["cpu:0", "cpu:1", "cpu:2"], None, cores=[4, 5])
+    assert sets == {} and "3 CPU workers on 2 cores" in warning and "none is bound" in warning
+    sets, warning = cpu_core_sets(["cpu:0", "cpu:1", "cpu:2"], 1, cores=[4, 5])  # asked for: bound, overlapping
     assert sets == {"cpu:0": {4}, "cpu:1": {5}, "cpu:2": {4}}
     assert "3 CPU workers x 1 threads on 2 cores" in warning
     sets, warning = cpu_core_sets(["cpu:0", "cuda:0"], 1, cores=[0, 1, 2])
