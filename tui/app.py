@@ -162,6 +162,7 @@ class Dashboard(App):
         self.rates = Rates()
         self._session = backend.session
         self._notifier: _Notifier | None = None
+        self._warned: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
@@ -213,6 +214,10 @@ class Dashboard(App):
             self.rates = Rates()
         self.rates.add(message.t, message.status)
         self.error = None
+        for warning in (message.status.get("runtime") or {}).get("warnings") or []:
+            if warning not in self._warned:  # e.g. CPU workers sharing cores: said once, as a toast
+                self._warned.add(warning)
+                self.notify(warning, title="runtime", severity="warning", timeout=12)
         self.sample = message.status
 
     @on(StatusFailed)

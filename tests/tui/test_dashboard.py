@@ -144,3 +144,33 @@ async def test_attached_over_the_socket(rt, tmp_path):
                 assert roles(rt)["cpu:2"] == "mixed"
     finally:
         await srv.close()
+
+
+class WarningBackend(LocalBackend):
+    """The real runtime's status with one runtime warning in it, whatever this machine's cores."""
+
+    warning = "3 CPU workers on 2 cores: the workers share cores"
+
+    def __init__(self, rt):
+        super().__init__(rt)
+        self.num_samples = 0
+
+    async def status(self):
+        st = await super().status()
+        st["runtime"]["warnings"] = [self.warning]
+        self.num_samples += 1
+        return st
+
+
+async def test_a_runtime_warning_is_a_toast_shown_once(rt):
+    notes = []
+    backend = WarningBackend(rt)
+    app = Dashboard(backend, poll_s=0.02)
+
+    def hook(message):
+        if isinstance(message, Notify):
+            notes.append(message.notification)
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await wait_for(pilot, lambda: backend.num_samples >= 6)  # the same warning in every sample
+    assert [(n.title, n.message) for n in notes if n.severity == "warning"] == [("runtime", WarningBackend.warning)]
