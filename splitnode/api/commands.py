@@ -99,11 +99,12 @@ async def serving(config, path: Path, worker_progress: bool = False, shutdown_gr
 
     server.prepare_socket_dir(path)
     await server.check_socket_free(path)
-    print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
-          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     rt = Runtime(config)
-    with _log_to_stderr(logging.getLogger("splitnode")) if worker_progress else contextlib.nullcontext():
+    with _interrupt_on_signals(), (
+            _log_to_stderr(logging.getLogger("splitnode")) if worker_progress else contextlib.nullcontext()):
+        print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
+              file=sys.stderr, flush=True)
         await rt.start()
     try:
         srv = await server.serve(rt, path)
@@ -115,6 +116,21 @@ async def serving(config, path: Path, worker_progress: bool = False, shutdown_gr
                 await _shut_down(srv, shutdown_grace_s)
     finally:
         await rt.stop()
+
+
+@contextlib.contextmanager
+def _interrupt_on_signals():
+    """While the model loads (nothing served yet), SIGINT or SIGTERM interrupts the start as
+    Ctrl-C does (`run_server` says so and exits 130) instead of killing the process mid-load."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 @contextlib.contextmanager

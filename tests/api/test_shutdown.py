@@ -161,3 +161,21 @@ async def test_up_on_sigterm_stops_as_q_does(sock_dir):
         os.close(master)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
+
+
+async def test_serve_on_sigterm_while_loading_says_interrupted_instead_of_dying(sock_dir):
+    """SIGTERM before the socket is up used to end the process with -15 mid-load."""
+    path = sock_dir / "s.sock"
+    proc = await start("serve", "--socket", str(path), stderr=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 120)
+        assert b"loading" in line  # printed once the handlers are in place
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 120)
+        err = (await proc.stderr.read()).decode()
+        # mid-load it is an interruption (130); a load that won the race stops cleanly (0): never -15
+        assert (rc, "splitnode: interrupted" in err) == (130, True) or (rc, "splitnode: stopped" in err) == (0, True), err
+        assert "Traceback" not in err and not path.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
