@@ -94,11 +94,11 @@ async def serving(config, path: Path, worker_progress: bool = False, shutdown_gr
     requests get `shutdown_grace_s`; a second signal cuts it short), then the runtime stops.
     `worker_progress` prints each worker's load line (the runtime logs them), for a caller about
     to hand the terminal to a dashboard."""
-    from splitnode.api import server
+    from splitnode.api import server, socket_file
     from splitnode.runtime import Runtime
 
-    server.prepare_socket_dir(path)
-    await server.check_socket_free(path)
+    socket_file.prepare_socket_dir(path)
+    await socket_file.check_socket_free(path)
     t0 = time.perf_counter()
     rt = Runtime(config)
     with _interrupt_on_signals(), (
