@@ -78,7 +78,7 @@ class Pools:
             self.pins.add(name)
         if w.target_role is None and w.role == role:
             return
-        gen = w.request_role(Role(role), mode)
+        gen = w.request_role(role, mode)
         fut = asyncio.get_running_loop().create_future()
         # registered before the loop runs anything else, so the worker's report cannot come first
         self._waiters.setdefault(name, []).append((gen, fut))

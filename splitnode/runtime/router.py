@@ -23,7 +23,7 @@ class Router:
         choice of T waits for the hand-off, and the KV stays on P until then."""
         healthy = [w for w in self.workers if w.error is None]
         prompt_side = [w for w in healthy if w.accepts_prefill] or [
-            w for w in healthy if Role(w.target_role or w.role).takes_prompts]
+            w for w in healthy if (w.target_role or w.role).takes_prompts]
         if not prompt_side:
             raise RuntimeError("no working device can run the prompt phase (a worker failed; see status())")
         p = min(prompt_side, key=lambda w: (w.pending_prompt_tokens, w.engine.batcher.num_pending_prompt_tokens,

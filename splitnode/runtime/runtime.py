@@ -97,10 +97,6 @@ class Runtime:
         # Tokenizing a long prompt takes long enough to stall every stream: off the loop it goes.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="splitnode-tokenize")
 
-    @property
-    def pins(self) -> set[str]:
-        return self.pools.pins
-
     async def __aenter__(self) -> Runtime:
         await self.start()
         return self

@@ -140,7 +140,7 @@ class Worker:
     @property
     def decodes_after_change(self) -> bool:
         """Still a token-capable worker once the change under way (if any) is done."""
-        return Role(self.target_role or self.role).decodes
+        return (self.target_role or self.role).decodes
 
     @property
     def pending_prompt_tokens(self) -> int:
@@ -152,7 +152,7 @@ class Worker:
         self._inbox.append(msg)
         self.wake.set()
 
-    def request_role(self, role: Role, mode: str) -> int:
+    def request_role(self, role: Role | str, mode: str) -> int:
         """Asks for a role change; returns its generation, which `RoleReached` reports once the
         role is reached (a later request supersedes an earlier one)."""
         with self._role_lock:  # the worker compares and clears under the same lock
@@ -187,7 +187,7 @@ class Worker:
         e = self.engine
         return {
             "name": self.name, "device": str(e.device), "role": self.role.value,
-            "target_role": None if self.target_role is None else Role(self.target_role).value,
+            "target_role": None if self.target_role is None else self.target_role.value,
             "kv_blocks_used": e.pool.num_used, "kv_blocks_total": e.pool.num_blocks,
             "kv_blocks_reserved": e.pool.num_reserved, "waiting": len(e.batcher.waiting),
             "running": len(e.batcher.running), "arriving": len(self.arrivals),
@@ -201,7 +201,7 @@ class Worker:
     def _role_change_waits_for(self) -> str | None:
         """Why the change under way is not done yet, for status (read from the loop: a snapshot)."""
         target = self.target_role
-        if target is None or Role(target).decodes:
+        if target is None or target.decodes:
             return None
         num_decodes = sum(1 for s in list(self.engine.batcher.running) if s.is_decode)
         num_arriving = len(self.arrivals)
@@ -357,10 +357,10 @@ class Worker:
 
     def _keeps_decodes(self) -> bool:
         """Finish decodes here rather than hand them off."""
-        if self.target_role is not None and not Role(self.target_role).decodes:
+        if self.target_role is not None and not self.target_role.decodes:
             # leaving decode work: finish it here (drain, for a bounded time), or move it out
             return self.mode == "drain" and time.monotonic() - self._change_asked_at < self.policy.drain_timeout_s
-        return Role(self.target_role or self.role).decodes
+        return (self.target_role or self.role).decodes
 
     # Waits between workers, and why they never close into a cycle. A sequence waiting to move
     # ("stuck": prefilled here, no room on any token worker) holds blocks here and waits for blocks
