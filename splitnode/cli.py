@@ -240,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description=bench.DESCRIPTION)
     bench.add_arguments(b)
     b.set_defaults(func=cmd_bench)
+    from splitnode.goodput import command as goodput
+
+    bench_sub = b.add_subparsers(dest="bench_command", metavar="serve", required=False,
+                                 title="serving benchmark (`splitnode bench serve --help`)")
+    bs = bench_sub.add_parser("serve", help="goodput under latency SLOs of role layouts (split against colocated)",
+                              description=goodput.DESCRIPTION, epilog=goodput.EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    goodput.add_arguments(bs)
+    bench_skip = RUNTIME_OWN_FLAGS | {"seed"}  # --seed seeds the workload; greedy requests sample nothing
+    add_engine_args(bs, skip=bench_skip, config_cls=RuntimeConfig)
+    bs.set_defaults(func=lambda args: goodput.run(args, engine_kwargs(args, RuntimeConfig, bench_skip)))
 
     from splitnode.api import commands as api
 

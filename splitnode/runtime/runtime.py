@@ -301,6 +301,7 @@ class Runtime:
         policy: PolicyStatus = {k: getattr(self.config, k) for k in PolicyStatus.__annotations__}
         return {
             "runtime": {"model": self.config.model or "demo", "uptime_s": time.monotonic() - self.started_at,
+                        "max_model_len": self.max_model_len,
                         "warnings": [self.cpu_warning] if self.cpu_warning else []},
             "devices": devices,
             "requests": {"active": len(active), "finished": self.num_finished,

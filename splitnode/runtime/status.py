@@ -65,6 +65,7 @@ class PoolSignals(TypedDict):
 class RuntimeInfo(TypedDict):
     model: str
     uptime_s: float
+    max_model_len: int  # the longest request (prompt + output) every worker can hold
     warnings: list[str]  # e.g. CPU workers sharing cores
 
 
