@@ -47,8 +47,8 @@ ENGINE_HELP = {
 # Fields the sampling flags already cover under the same name.
 SHARED_WITH_SAMPLING = {"seed"}
 # RuntimeConfig fields that serve/up take through their own flags: the workers' devices come from
-# --devices (not the engine's --device), roles from --roles, autoscale from --autoscale.
-RUNTIME_OWN_FLAGS = frozenset({"device", "devices", "roles", "autoscale"})
+# --devices (not the engine's --device), roles from --roles, autoscale from --autoscale, power caps from --power-cap.
+RUNTIME_OWN_FLAGS = frozenset({"device", "devices", "roles", "autoscale", "power_caps"})
 
 
 def _flag(name: str) -> str:

@@ -45,6 +45,15 @@ def nvml_targets(devices: list[str]) -> dict[str, str | None]:
     return targets
 
 
+def nvml_handle(nv, target: str):
+    """NVML's handle of the board `nvml_targets` named."""
+    if target.startswith(("GPU-", "MIG-")):
+        return nv.nvmlDeviceGetHandleByUUID(target)
+    if target.startswith("unresolved:"):
+        raise LookupError("torch gave neither a UUID nor a PCI bus id for it")
+    return nv.nvmlDeviceGetHandleByPciBusId(target)
+
+
 class GPUSampler:
     """`GPUSampler(nvml_targets(devices))`; `start()`, then `sample(name)` from any thread, then
     `stop()`. `nvml` is the pynvml module (imported when not given); tests pass a test double."""
@@ -83,7 +92,7 @@ class GPUSampler:
             return
         for name, target in gpus.items():
             try:
-                self._handles[name] = self._handle(target)
+                self._handles[name] = nvml_handle(self._nvml, target)
             except Exception as e:
                 self._samples[name] = {"available": False, "reason": f"NVML has no device {target}: {e}"}
         self._read_all()
@@ -107,14 +116,6 @@ class GPUSampler:
     def _set_all(self, names, reason: str) -> None:
         for name in names:
             self._samples[name] = {"available": False, "reason": reason}
-
-    def _handle(self, target: str):
-        nv = self._nvml
-        if target.startswith(("GPU-", "MIG-")):
-            return nv.nvmlDeviceGetHandleByUUID(target)
-        if target.startswith("unresolved:"):
-            raise LookupError("torch gave neither a UUID nor a PCI bus id for it")
-        return nv.nvmlDeviceGetHandleByPciBusId(target)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -36,6 +36,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a third of the devices prompt, the rest token; one device mixed)")
     parser.add_argument("--autoscale", action=argparse.BooleanOptionalAction, default=True,
                         help="let the policy borrow and re-purpose devices that no one pinned (default: %(default)s)")
+    parser.add_argument("--power-cap", default=None, metavar="ROLE=WATTS,...",
+                        help="cap the power limit of the GPUs of a role through NVML, e.g. token=450; set at start "
+                             "and on every role change, restored on exit; needs root on most systems (default: off)")
     parser.add_argument("--shutdown-grace-s", type=_seconds, default=DEFAULT_SHUTDOWN_GRACE_S, metavar="S",
                         help="on stopping, how long open requests may take to finish before each is ended with a "
                              "'shutting down' error; a second Ctrl-C or SIGTERM ends them at once (default: %(default)s)")
@@ -64,6 +67,22 @@ def parse_roles(spec: str | None) -> dict[str, str] | None:
     return roles
 
 
+def parse_power_caps(spec: str | None) -> dict[str, float] | None:
+    if not spec:
+        return None
+    caps = {}
+    for item in spec.split(","):
+        role, sep, watts = item.strip().partition("=")
+        try:
+            value = float(watts.strip().rstrip("Ww"))  # "450" or "450W"
+        except ValueError:
+            value = None
+        if not sep or not role or value is None:
+            raise ValueError(f"--power-cap: {item!r} is not ROLE=WATTS (e.g. token=450)")
+        caps[role.strip()] = value
+    return caps
+
+
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     return run_server("serve", _serve, args, engine_kwargs)
 
@@ -75,7 +94,7 @@ def run_server(command: str, main, args: argparse.Namespace, engine_kwargs: dict
     from splitnode.runtime import RuntimeConfig, run_event_loop
 
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
-                           **engine_kwargs)
+                           power_caps=parse_power_caps(args.power_cap), **engine_kwargs)
     try:
         return run_event_loop(main(config, args.socket or p.default_socket_path(), args.shutdown_grace_s))
     except (p.SocketInUse, PermissionError, FileExistsError) as e:

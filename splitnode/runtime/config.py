@@ -30,6 +30,7 @@ class RuntimeConfig(EngineConfig):
     cpu_threads: int | None = None  # cores of each CPU worker; default: the machine's, shared out evenly
     drain_timeout_s: float = 60.0  # a drain-mode role change migrates what is left after this long
     max_active_requests: int = 4096  # requests in flight past which new ones are refused (overloaded)
+    power_caps: dict[str, float] | None = None  # {"token": 450.0}: W per role, set through NVML (splitnode.power)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,11 +52,21 @@ class RuntimeConfig(EngineConfig):
             raise ValueError(f"RuntimeConfig.cpu_threads must be None or >= 1, got {self.cpu_threads}")
         if not 0 < self.borrow_kv_occupancy <= 1:
             raise ValueError(f"RuntimeConfig.borrow_kv_occupancy must be in (0, 1], got {self.borrow_kv_occupancy}")
+        if self.power_caps is not None:
+            self.power_caps = {role: _watts(role, w) for role, w in self.power_caps.items()}
 
     @property
     def worker_policy(self) -> WorkerPolicy:
         return WorkerPolicy(self.layerwise_min_tokens, self.transfer_timeout_s, self.reservation_lease_s,
                             self.drain_timeout_s)
+
+
+def _watts(role: str, watts) -> float:
+    if role not in ROLES:
+        raise ValueError(f"RuntimeConfig.power_caps names the role {role!r}; roles are {ROLES}")
+    if isinstance(watts, bool) or not isinstance(watts, (int, float)) or not 0 < watts < float("inf"):
+        raise ValueError(f"RuntimeConfig.power_caps[{role!r}] must be a number of watts > 0, got {watts!r}")
+    return float(watts)
 
 
 def parse_devices(spec) -> list[str]:

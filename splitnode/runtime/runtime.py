@@ -25,6 +25,7 @@ from splitnode.engine.engine import Engine, resolve_model_path
 from splitnode.engine.outputs import Prompt, RequestOutput, RequestState, new_request
 from splitnode.engine.sampling import SamplingParams
 from splitnode.model.tokenizer import Tokenizer
+from splitnode.power import PowerCaps
 from splitnode.runtime.config import RuntimeConfig, cpu_core_sets, default_roles, parse_devices, torch_device
 from splitnode.runtime.messages import Add, Arrive, RoleReached, TokenEvent, WorkerFailed
 from splitnode.runtime.pools import Autoscaler, Pools
@@ -74,9 +75,11 @@ class _Stream:
 class Runtime:
     """`async with Runtime(RuntimeConfig(devices="cpu:3")) as rt:` then `rt.generate(...)`."""
 
-    def __init__(self, config: RuntimeConfig | None = None, telemetry: GPUSampler | None = None, **kwargs):
+    def __init__(self, config: RuntimeConfig | None = None, telemetry: GPUSampler | None = None,
+                 power: PowerCaps | None = None, **kwargs):
         self.config = config or RuntimeConfig(**kwargs)
         self.telemetry = telemetry  # default: NVML for the CUDA devices, made in start()
+        self.power = power  # default: config.power_caps through NVML, made in start(); None: no caps
         self.num_generated_tokens = 0
         self.num_finished = 0
         self.started_at: float | None = None
@@ -105,6 +108,21 @@ class Runtime:
         await self.stop()
 
     async def start(self) -> None:
+        """Power caps go on first, so a refusal comes before minutes of loading; a start that
+        fails (or is interrupted) after that puts every GPU's limit back."""
+        cfg = self.config
+        if self.power is None and cfg.power_caps:
+            self.power = PowerCaps(cfg.power_caps, nvml_targets(cfg.devices))
+        if self.power is not None:
+            await asyncio.to_thread(self.power.apply, cfg.roles)
+        try:
+            await self._start()
+        except BaseException:
+            if self.power is not None:
+                self.power.restore()  # not awaited: a cancelled start may not get another await
+            raise
+
+    async def _start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
         path = resolve_model_path(cfg.model)
@@ -138,6 +156,8 @@ class Runtime:
         self.started_at = time.monotonic()
 
     async def stop(self) -> None:
+        if self.power is not None:  # first, so nothing later in the way out can keep a GPU capped
+            await asyncio.to_thread(self.power.restore)
         for t in self._tasks:
             t.cancel()
         for w in self.workers:
@@ -241,6 +261,8 @@ class Runtime:
         dest.post(arrive)  # a thread-safe append: no need to go through the loop
 
     def on_role_reached(self, msg: RoleReached) -> None:
+        if self.power is not None:  # here, on the worker's thread: the loop never waits on NVML
+            self.power.set_role(msg.worker, msg.role.value)
         self.loop.call_soon_threadsafe(self.pools.role_reached, msg)
 
     def on_failure(self, msg: WorkerFailed) -> None:
@@ -295,6 +317,7 @@ class Runtime:
         devices: list[DeviceStatus] = [{
             **w.status(), "pinned": w.name in self.pools.pins, "borrowed_from": self.autoscaler.borrowed_from(w),
             "gpu": self.telemetry.sample(w.name),  # NVML's latest, or why there is none
+            "power_cap_w": None if self.power is None else self.power.cap_w(w.name),
         } for w in self.workers]
         active = [s.state for s in self._streams.values() if not s.ended]
         done = list(self._finished_metrics)

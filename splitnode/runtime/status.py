@@ -53,6 +53,7 @@ class DeviceStatus(TypedDict):
     role_change_waits_for: str | None  # what the role change under way waits for, if it waits
     cpu_cores: list[int] | None  # a CPU worker's own cores; None on a GPU
     gpu: GPUSample
+    power_cap_w: float | None  # the power cap (RuntimeConfig.power_caps) in force on its GPU; None: none
 
 
 class PoolSignals(TypedDict):

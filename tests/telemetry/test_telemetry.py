@@ -1,4 +1,4 @@
-"""The NVML sampler, against `FakeNVML` (a test double with pynvml's calls and units), and where
+"""The NVML sampler, against `FakeNVML` (tests/fake_nvml.py: a test double with pynvml's calls and units), and where
 its numbers end up: Runtime.status() and the dashboard's device table. Without NVML (this machine,
 CPU workers) the fields say why."""
 
@@ -8,84 +8,12 @@ import time
 import types
 
 import pytest
+from fake_nvml import GIB, FakeNVML, board
 
 from splitnode.runtime import Runtime, RuntimeConfig
 from splitnode.telemetry import GPUSampler, nvml_targets
 from splitnode.tui.app import Dashboard
 from splitnode.tui.backend import LocalBackend
-
-
-class FakeNVML:
-    """Test double for the `pynvml` module: the calls GPUSampler makes, in NVML's units (mW, mJ,
-    bytes, °C, MHz), for boards named by UUID or PCI bus id. Each read of the energy counter
-    advances it by `energy_step_mj`, as a board drawing power would."""
-
-    NVML_TEMPERATURE_GPU = 0
-    NVML_CLOCK_SM = 1
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, boards: dict[str, dict], energy_step_mj: int = 0, unsupported: tuple[str, ...] = ()):
-        self.boards = boards
-        self.energy_step_mj = energy_step_mj
-        self.unsupported = set(unsupported)
-        self.num_inits = self.num_shutdowns = 0
-
-    def nvmlInit(self):
-        self.num_inits += 1
-
-    def nvmlShutdown(self):
-        self.num_shutdowns += 1
-
-    def _board(self, key):
-        if key not in self.boards:
-            raise self.NVMLError("Not Found")
-        return self.boards[key]
-
-    def nvmlDeviceGetHandleByUUID(self, uuid):
-        return self._board(uuid)
-
-    def nvmlDeviceGetHandleByPciBusId(self, bus_id):
-        return self._board(bus_id)
-
-    def _get(self, board, field):
-        if field in self.unsupported:
-            raise self.NVMLError("Not Supported")
-        return board[field]
-
-    def nvmlDeviceGetPowerUsage(self, h):
-        return self._get(h, "power_mw")
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, h):
-        return self._get(h, "limit_mw")
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, h):
-        value = self._get(h, "energy_mj")
-        h["energy_mj"] += self.energy_step_mj
-        return value
-
-    def nvmlDeviceGetUtilizationRates(self, h):
-        return types.SimpleNamespace(gpu=self._get(h, "util"), memory=0)
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return types.SimpleNamespace(used=self._get(h, "mem_used"), total=self._get(h, "mem_total"), free=0)
-
-    def nvmlDeviceGetTemperature(self, h, sensor):
-        assert sensor == self.NVML_TEMPERATURE_GPU
-        return self._get(h, "temp")
-
-    def nvmlDeviceGetClockInfo(self, h, clock):
-        assert clock == self.NVML_CLOCK_SM
-        return self._get(h, "sm_mhz")
-
-
-GIB = 1024**3
-
-
-def board(power_mw=250_000, temp=61):
-    return {"power_mw": power_mw, "limit_mw": 700_000, "energy_mj": 5_000_000, "util": 87,
-            "mem_used": 12 * GIB, "mem_total": 80 * GIB, "temp": temp, "sm_mhz": 1980}
 
 
 def test_sampler_reads_each_board_in_watts_joules_bytes():
