@@ -160,9 +160,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from splitnode.engine.config import check_device
     from splitnode.engine.engine import resolve_model_path
     from splitnode.engine.llm import LLM
 
+    check_device(args.device)  # before the model loads, and before transformers gets a device it cannot use
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)

@@ -126,6 +126,7 @@ def load_llm(args: argparse.Namespace):
     if getattr(args, "seed", None) is not None:
         kwargs["seed"] = args.seed
     model = kwargs.pop("model")
+    EngineConfig(model=model, **kwargs)  # a bad value (cuda on a machine without it) fails here, before "loading"
     print(f"splitnode: loading {model or 'the demo model'} on {args.device} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     llm = LLM(model, **kwargs)
@@ -292,9 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
 
 
+def command_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`splitnode --socket X status` as `splitnode status --socket X`: the top level has no flags
+    but --help and --version, so flags written before the command are the command's. They go last,
+    after a sub-command's own words (`bench serve`) too."""
+    (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help", "--version"):
+        return argv
+    for i, arg in enumerate(argv):
+        if arg in commands:
+            return [*argv[i:], *argv[:i]]
+    parser.error(f"{argv[0]} goes after the command: splitnode COMMAND {argv[0]} ... (splitnode --help lists them)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(command_first(parser, sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -239,14 +239,21 @@ class Dashboard(App):
 
     def _show_devices(self, status: dict) -> None:
         table = self.query_one("#devices", DataTable)
-        for dev in status["devices"]:
-            busy = self.rates.device_rate(dev["name"], lambda d: d["busy_s"])
-            cells = device_cells(dev, busy)
-            if dev["name"] not in table.rows:
-                table.add_row(*(cells[key] for key, _, _ in COLUMNS), key=dev["name"])
-                continue
+        rows = {dev["name"]: device_cells(dev, self.rates.device_rate(dev["name"], lambda d: d["busy_s"]))
+                for dev in status["devices"]}
+        if [row.key.value for row in table.ordered_rows] != list(rows):
+            # The first sample, or reattached to a server with other devices: rows kept from the old
+            # one would be acted on as devices the new server does not have.
+            selected = self.selected_device()
+            table.clear()
+            for name, cells in rows.items():
+                table.add_row(*(cells[key] for key, _, _ in COLUMNS), key=name)
+            if selected in rows:
+                table.move_cursor(row=list(rows).index(selected))
+            return
+        for name, cells in rows.items():
             for key, _, width in COLUMNS:
-                table.update_cell(dev["name"], key, cells[key], update_width=width is None)
+                table.update_cell(name, key, cells[key], update_width=width is None)
 
     def _show_in_flight(self, status: dict) -> None:
         table = self.query_one("#in-flight", DataTable)

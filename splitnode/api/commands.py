@@ -246,14 +246,15 @@ def add_assign_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what happens to the device's work of the old kind: migrate moves it to another "
                              "device now, drain lets it finish here first (default: %(default)s)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="let the autoscaling policy move the device again (default: pinned until release)")
+                        help="leave the device unpinned (a pin set before is released), so the autoscaling policy "
+                             "may move it again (default: pinned until release)")
     add_socket_arg(parser)
 
 
 def assign(args: argparse.Namespace) -> int:
     rc, _ = call(args, lambda c: c.assign(args.device, args.role, args.mode, args.pin))
     if rc == 0:
-        print(f"{args.device}: {args.role}" + (" (pinned)" if args.pin else ""))
+        print(f"{args.device}: {args.role} " + ("(pinned)" if args.pin else "(not pinned: the autoscaling policy may move it)"))
     return rc
 
 

@@ -6,12 +6,14 @@
 
 Methods (the server dispatches these names and no others):
 
-    generate(prompt, params)          prompt: str or list of token ids; params: a dict of
+    generate(prompt, params, stream=True)
+                                      prompt: str or list of token ids; params: a dict of
                                       SamplingParams fields (missing ones take their defaults).
                                       Each event but the last arrives as a notification
                                       [2, "token", [msgid, event]]; the response to msgid carries
                                       the last one (finished=True), so a client that ignores
-                                      notifications still gets the whole output.
+                                      notifications still gets the whole output. stream=False
+                                      sends no notifications, for a client that cannot take them.
     cancel(request_id) -> bool        the stream ends with finish_reason "abort"
     assign(device, role, mode="migrate", pin=True) -> None
     release(device) -> None
@@ -23,7 +25,8 @@ Events are RequestOutput as a map. A notification carries what is new since the 
 `prompt`, `prompt_token_ids` and `prompt_logprobs`; the final event (the response) carries every
 field in full. A client rebuilds cumulative RequestOutputs by appending (see `OutputBuilder`). This
 keeps a long stream linear in its length on the wire. Logprobs are maps {token_id: [logprob, rank]}
-with integer keys (unpack with strict_map_key=False).
+whose keys are the token ids as strings ("42"): msgpack's Unpacker refuses integer map keys by
+default (strict_map_key=True), and a plain client must not have to know to turn that off.
 
 When the server cannot answer a request (a frame over MAX_FRAME_BYTES, bytes that are not
 msgpack, a message that is not one of the three shapes) it sends the notification
@@ -285,7 +288,7 @@ def prompt_arg(prompt) -> str | list[int]:
 def _logprobs_out(rows):
     if rows is None:
         return None
-    return [None if r is None else {t: [lp.logprob, lp.rank] for t, lp in r.items()} for r in rows]
+    return [None if r is None else {str(t): [lp.logprob, lp.rank] for t, lp in r.items()} for r in rows]
 
 
 def _logprobs_in(rows):

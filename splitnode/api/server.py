@@ -398,9 +398,12 @@ class _Connection:
     async def _generate(self, msgid: int, params: list) -> None:
         request_id = None
         try:
-            _arity("generate", params, 1, 2)
+            _arity("generate", params, 1, 3)
             prompt = p.prompt_arg(params[0])
             sampling = p.sampling_params(params[1] if len(params) > 1 else None)
+            stream = params[2] if len(params) > 2 else True
+            if not isinstance(stream, bool):
+                raise TypeError(f"generate: stream must be a bool, got {p.brief(stream)}")
             first = True
             async with contextlib.aclosing(self.rt.generate(prompt, sampling)) as events:
                 async for ev in events:
@@ -409,7 +412,7 @@ class _Connection:
                         self.owned.add(request_id)
                     if ev.finished:
                         await self._answer(msgid, None, p.full_event(ev))
-                    else:
+                    elif stream:
                         await self._send([p.NOTIFICATION, "token", [msgid, p.delta_event(ev, first)]])
                         first = False
         except asyncio.CancelledError:

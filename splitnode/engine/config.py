@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class EngineConfig:
@@ -41,6 +43,7 @@ class EngineConfig:
         need(self.decode_max_skips >= 0, "decode_max_skips", ">= 0")
         need(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype",
              "one of auto, float32, float16, bfloat16")
+        check_device(self.device)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -49,3 +52,19 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+def check_device(device) -> None:
+    """A device the engine runs on (cpu, cuda, cuda:N), checked before the model loads: on a torch
+    without CUDA, torch's own answer is an AssertionError from deep inside the first allocation."""
+    name = str(device)
+    kind, sep, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and not index.isdigit()):
+        raise ValueError(f"EngineConfig.device must be cpu, cuda or cuda:N, got {name!r}")
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            why = "no CUDA device is visible" if torch.version.cuda else f"torch {torch.__version__} is built without CUDA"
+            raise ValueError(f"EngineConfig.device is {name!r} but {why}; use cpu")
+        if sep and int(index) >= count:
+            raise ValueError(f"EngineConfig.device is {name!r} but only {count} CUDA device(s) are visible")

@@ -71,8 +71,12 @@ class Engine:
                                              mc.head_dim, self.dtype)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks(per_block, kv_share)
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len,
-                                 num_blocks * config.block_size)
+        # What sets the limit, for the message that refuses a prompt past it: the first that binds.
+        limits = [(num_blocks * config.block_size, f"the KV pool of {num_blocks} blocks x {config.block_size} tokens"),
+                  (mc.max_model_len, "the model's context length")]
+        if config.max_model_len:
+            limits.insert(0, (config.max_model_len, "set by max_model_len, --max-model-len"))
+        self.max_model_len, self.max_model_len_reason = min(limits, key=lambda lim: lim[0])
         self.kv_cache = allocate_kv_cache(mc.num_hidden_layers, num_blocks, config.block_size,
                                           mc.num_key_value_heads, mc.head_dim, self.dtype, self.device)
         self.kv_caches = layer_views(self.kv_cache)
@@ -101,9 +105,7 @@ class Engine:
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
         params.check_vocab(self.model_config.vocab_size)
-        check_length(num_prompt_tokens, params.max_tokens, self.max_model_len,
-                     f"the model's limit, capped by the KV pool of {self.pool.num_blocks} blocks x "
-                     f"{self.pool.block_size} tokens")
+        check_length(num_prompt_tokens, params.max_tokens, self.max_model_len, self.max_model_len_reason)
 
     def add(self, seq: Sequence) -> None:
         self.batcher.add(seq)

@@ -301,9 +301,12 @@ class Runtime:
 
     async def assign(self, device: str, role: str, mode: str = "migrate", pin: bool = True) -> None:
         """Moves `device` to `role`. Its work of the old kind is migrated or drained, in-flight
-        prefills finish, then the role flips. Pinned until `release(device)` unless pin=False."""
+        prefills finish, then the role flips. Pinned until `release(device)`; pin=False leaves it
+        unpinned, a pin set before included: the autoscaling policy may move it again."""
         w = self.pools.check(device, role, mode)
         self.autoscaler.forget(w)  # a person's move ends a borrow
+        if not pin:
+            self.pools.release(device)
         await self.pools.assign(device, role, mode, pin)
 
     def release(self, device: str) -> None:

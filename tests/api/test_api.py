@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import socket
 import stat
 
+import aio_msgpack_rpc
 import msgpack
 import pytest
 from polling import until
@@ -30,11 +33,12 @@ async def server(rt, sock_dir):
 
 
 class RawClient:
-    """Plain msgpack + asyncio, to check the server against the spec rather than against our Client."""
+    """Plain msgpack + asyncio, to check the server against the spec rather than against our Client;
+    msgpack's default Unpacker, which refuses integer map keys (strict_map_key=True)."""
 
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
-        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self.unpacker = msgpack.Unpacker()
 
     @classmethod
     async def open(cls, path):
@@ -95,12 +99,33 @@ async def test_raw_msgpack_rpc_client_streams_one_notification_per_token(server)
     assert len(notes) == 5 and all(n[1] == "token" and n[2][0] == 9 for n in notes)
     assert [len(n[2][1]["new_token_ids"]) for n in notes] == [1] * 5
     assert "prompt_token_ids" in notes[0][2][1] and "prompt_token_ids" not in notes[1][2][1]
-    assert all(isinstance(t, int) for n in notes for t in n[2][1]["logprobs"][0])  # int map keys
+    # each token's logprobs keyed by token ids as strings, the sampled token among them
+    assert all(str(n[2][1]["new_token_ids"][0]) in n[2][1]["logprobs"][0] for n in notes)
+    assert all(isinstance(t, str) for n in notes for t in n[2][1]["logprobs"][0])
     kind, msgid, error, final = m
     assert (kind, msgid, error) == (1, 9, None)
     assert final["finished"] and final["finish_reason"] == "length" and len(final["token_ids"]) == 6
     assert final["token_ids"][:5] == [n[2][1]["new_token_ids"][0] for n in notes]
+    # stream=False: the response alone, for a client that cannot take notifications
+    kind, msgid, error, alone = await raw.call(10, "generate", "Hi", {"max_tokens": 6, "temperature": 0.0,
+                                                                     "ignore_eos": True}, False)
+    assert (kind, msgid, error) == (1, 10, None) and alone["token_ids"] == final["token_ids"]
     raw.close()
+
+
+async def test_a_third_party_msgpack_rpc_client_gets_the_whole_output(rt, server):
+    """Issue: aio-msgpack-rpc's default Unpacker refused the integer map keys of logprobs, and the
+    response was lost. Its notifications are logged as unexpected and skipped, as a plain client does."""
+    direct = [ev async for ev in rt.generate("Hello there", GREEDY)][-1]
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    client = aio_msgpack_rpc.Client(reader, writer, response_timeout=30)
+    try:
+        final = await client.call("generate", "Hello there", dataclasses.asdict(GREEDY))
+        assert final["finished"] and final["token_ids"] == direct.token_ids
+        assert [{int(t): tuple(v) for t, v in row.items()} for row in final["logprobs"]] == direct.logprobs
+        assert [d["name"] for d in (await client.call("status"))["devices"]] == ["cpu:0", "cpu:1"]
+    finally:
+        client.close()
 
 
 async def test_unknown_method_and_bad_params_are_errors_and_server_keeps_serving(server):
@@ -113,6 +138,7 @@ async def test_unknown_method_and_bad_params_are_errors_and_server_keeps_serving
         ("generate", ["Hi", [1, 2]], "TypeError", "params"),
         ("generate", [5], "TypeError", "prompt"),
         ("generate", [[1, 99999]], "ValueError", "token ids"),
+        ("generate", ["Hi", {}, "no"], "TypeError", "stream"),
         ("assign", ["cpu:0"], "TypeError", "takes 2 to 4 params"),
         ("assign", ["cpu:0", "gpu"], "ValueError", "role"),
         ("assign", ["cpu:9", "mixed"], "ValueError", "unknown device"),
@@ -281,6 +307,26 @@ async def test_cli_status_assign_release(server, capsys):
     assert await asyncio.to_thread(cli.main, ["release", "cpu:1", "--socket", sock]) == 0
     assert await asyncio.to_thread(cli.main, ["assign", "cpu:9", "mixed", "--socket", sock]) == 2
     assert "splitnode assign: error: unknown device 'cpu:9'" in capsys.readouterr().err
+
+
+async def test_cli_assign_no_pin_unpins_a_device_pinned_before(rt, server, capsys):
+    """Issue: --no-pin left an existing pin in place while printing as if unpinned."""
+    sock = str(server.path)
+    assert await asyncio.to_thread(cli.main, ["assign", "cpu:1", "mixed", "--socket", sock]) == 0
+    assert rt.status()["devices"][1]["pinned"]
+    assert await asyncio.to_thread(cli.main, ["assign", "cpu:1", "token", "--no-pin", "--socket", sock]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "cpu:1: token (not pinned: the autoscaling policy may move it)"
+    assert [(d["role"], d["pinned"]) for d in rt.status()["devices"]] == [("prompt", False), ("token", False)]
+
+
+async def test_cli_flags_before_the_command_are_the_commands(server, capsys):
+    """Issue: `splitnode --socket X status` was refused; a flag with no command says where it goes."""
+    assert await asyncio.to_thread(cli.main, ["--socket", str(server.path), "status", "--json"]) == 0
+    assert [d["name"] for d in json.loads(capsys.readouterr().out)["devices"]] == ["cpu:0", "cpu:1"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--socket", str(server.path)])
+    assert exit_.value.code == 2
+    assert "error: --socket goes after the command: splitnode COMMAND --socket" in capsys.readouterr().err
 
 
 def test_cli_without_a_server_is_one_line_and_exit_2(sock_dir, capsys):

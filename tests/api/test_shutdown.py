@@ -154,7 +154,9 @@ async def test_up_on_sigterm_stops_as_q_does(sock_dir):
             assert_all_shut_down(await asyncio.wait_for(asyncio.gather(*streams), 60))
             assert await asyncio.wait_for(proc.wait(), 60) == 0
         await until(lambda: b"splitnode: stopped" in output)
-        assert b"\x1b[?1049l" in output[shown:], "the terminal was not given back"
+        given_back = output[shown:]
+        assert b"\x1b[?1049l" in given_back, "the terminal was left in the alternate screen"
+        assert given_back.rfind(b"\x1b[?25h") > given_back.rfind(b"\x1b[?25l"), "the cursor was left hidden"
         assert not path.exists() and not path.with_name("s.sock.lock").exists()
     finally:
         loop.remove_reader(master)

@@ -7,11 +7,16 @@ from polling import until, wait_for
 
 from splitnode.api.client import Client
 from splitnode.api.server import serve
+from splitnode.runtime import Runtime, RuntimeConfig
 from splitnode.tui.app import Dashboard
 from splitnode.tui.backend import LocalBackend, RemoteBackend
 from splitnode.tui.rates import Rates
 
 SIZE = (120, 35)
+
+
+def device_rows(app) -> list[str]:
+    return [row.key.value for row in app.query_one("#devices").ordered_rows]
 
 
 def kv_held(rt) -> int:
@@ -47,6 +52,33 @@ async def test_attached_dashboard_reattaches_when_the_server_comes_back(rt, sock
             await wait_for(pilot, lambda: app.error is None)  # the reconnect backs off: allow for a loaded host
             assert app.backend.session == 1 and app.backend.client is not client
             assert app.rates is not first_rates
+    finally:
+        await app.backend.close()
+        await client.close()
+        await srv.close()
+
+
+async def test_reattached_to_a_server_with_other_devices_the_rows_are_the_new_ones(rt, sock_dir):
+    """Issue: the old server's rows stayed, and acting on one answered "unknown device"."""
+    path = sock_dir / "s.sock"
+    srv = await serve(rt, path)  # cpu:0..2
+    client = Client(path)
+    await client.connect()
+    app = Dashboard(RemoteBackend(client, where="attached"), poll_s=0.05)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: device_rows(app) == ["cpu:0", "cpu:1", "cpu:2"])
+            await pilot.press("j", "j")  # cpu:2, which the next server does not have
+            await srv.close()
+            await wait_for(pilot, lambda: app.error is not None)
+            async with Runtime(RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)) as rt2:
+                srv = await serve(rt2, path)
+                await wait_for(pilot, lambda: device_rows(app) == ["cpu:0", "cpu:1"])
+                assert str(app.query_one("#devices").get_cell("cpu:1", "kv")).endswith(" 0/64")  # the new server's
+                assert app.selected_device() == "cpu:0"
+                await pilot.press("x")
+                await wait_for(pilot, lambda: rt2.status()["devices"][0]["role"] == "mixed")
+                await srv.close()
     finally:
         await app.backend.close()
         await client.close()
