@@ -31,7 +31,8 @@ def add_dash_arguments(parser: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from splitnode.api.commands import run_server
 
-    return run_server("up", lambda config, path, grace_s: _up(config, path, args.load, grace_s), args, engine_kwargs)
+    return run_server("up", lambda config, path, grace_s, http: _up(config, path, args.load, grace_s, http), args,
+                      engine_kwargs)
 
 
 def dash(args: argparse.Namespace) -> int:
@@ -46,13 +47,14 @@ def dash(args: argparse.Namespace) -> int:
 
 
 
-async def _up(config, path: Path, load: bool, shutdown_grace_s: float = 0.0) -> int:
+async def _up(config, path: Path, load: bool, shutdown_grace_s: float = 0.0, http: list | None = None) -> int:
     from splitnode.api.commands import serving
     from splitnode.tui.app import Dashboard
     from splitnode.tui.backend import LocalBackend
 
     # each worker's load line is shown here, before the dashboard owns the terminal
-    async with serving(config, path, worker_progress=True, shutdown_grace_s=shutdown_grace_s) as (rt, seconds, stop):
+    async with serving(config, path, worker_progress=True, shutdown_grace_s=shutdown_grace_s,
+                       http=http) as (rt, seconds, stop):
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
         print(f"splitnode: loaded in {seconds:.1f}s; {roles}; serving on {path}", file=sys.stderr, flush=True)
         app = Dashboard(LocalBackend(rt, where=f"in-process, socket {path}"), load=load)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -16,8 +17,9 @@ from pathlib import Path
 from splitnode.api import protocol as p
 
 SERVE_DESCRIPTION = ("Start the phase-split runtime on DEVICES and serve it on a Unix socket (msgpack-RPC), "
-                     "without the dashboard. Runs until SIGINT (Ctrl-C) or SIGTERM, then stops accepting, lets "
-                     "open requests finish for --shutdown-grace-s and ends the rest with a 'shutting down' error. "
+                     "and with --http / --http-uds the OpenAI-compatible API, without the dashboard. Runs until "
+                     "SIGINT (Ctrl-C) or SIGTERM, then stops accepting, lets open requests finish for "
+                     "--shutdown-grace-s and ends the rest with a 'shutting down' error. "
                      "Refuses to start where a server already answers on the socket; a stale socket is removed.")
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 
@@ -43,6 +45,49 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on stopping, how long open requests may take to finish before each is ended with a "
                              "'shutting down' error; a second Ctrl-C or SIGTERM ends them at once (default: %(default)s)")
     add_socket_arg(parser)
+    add_http_arguments(parser)
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("OpenAI-compatible HTTP and Prometheus")
+    group.add_argument("--http", type=_address, default=None, metavar="HOST:PORT",
+                       help="also serve the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, "
+                            "/health, /metrics) over HTTP there; a port alone is 127.0.0.1:PORT; a host beyond "
+                            "loopback gets a warning (default: off)")
+    group.add_argument("--http-uds", type=Path, default=None, metavar="PATH",
+                       help="the same HTTP API on a Unix socket (0600, in a folder only you may write to, as --socket); "
+                            "may be given with --http (default: off)")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on the /v1 routes (default: $SPLITNODE_API_KEY, "
+                            "else none)")
+    group.add_argument("--metrics-port", type=_address, default=None, metavar="[HOST:]PORT",
+                       help="serve Prometheus's /metrics alone there (127.0.0.1 for a port alone), with or without "
+                            "--http, whose /metrics is the same (default: off)")
+
+
+def _address(text: str) -> tuple[str, int]:
+    from splitnode.api.http import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def http_servers(args: argparse.Namespace) -> list:
+    """The HTTP servers the flags ask for, not yet bound: the API (TCP and/or Unix socket), then
+    the metrics-only one. Imported only when asked for (aiohttp is not the client commands' cost)."""
+    if not (args.http or args.http_uds or args.metrics_port):
+        return []
+    from splitnode.api.http import HTTPServer
+
+    servers = []
+    if args.http or args.http_uds:
+        api_key = args.api_key if args.api_key is not None else os.environ.get("SPLITNODE_API_KEY") or None
+        servers.append(HTTPServer([args.http] if args.http else [], args.http_uds, api_key=api_key))
+    if args.metrics_port:
+        servers.append(HTTPServer([args.metrics_port], metrics_only=True))
+    return servers
 
 
 def _seconds(text: str) -> float:
@@ -96,7 +141,8 @@ def run_server(command: str, main, args: argparse.Namespace, engine_kwargs: dict
     config = RuntimeConfig(devices=args.devices, roles=parse_roles(args.roles), autoscale=args.autoscale,
                            power_caps=parse_power_caps(args.power_cap), **engine_kwargs)
     try:
-        return run_event_loop(main(config, args.socket or p.default_socket_path(), args.shutdown_grace_s))
+        return run_event_loop(main(config, args.socket or p.default_socket_path(), args.shutdown_grace_s,
+                                   http_servers(args)))
     except (p.SocketInUse, PermissionError, FileExistsError) as e:
         print(f"splitnode {command}: error: {e}", file=sys.stderr)
         return 2
@@ -106,35 +152,77 @@ def run_server(command: str, main, args: argparse.Namespace, engine_kwargs: dict
 
 
 @contextlib.asynccontextmanager
-async def serving(config, path: Path, worker_progress: bool = False, shutdown_grace_s: float = 0.0):
+async def serving(config, path: Path, worker_progress: bool = False, shutdown_grace_s: float = 0.0,
+                  http: list | None = None):
     """What `serve` and `up` both run in: the socket checked free (before minutes of loading, not
     after), the runtime loaded, the socket served. Yields (runtime, seconds the start took, stop):
     `stop` is set by the first SIGINT or SIGTERM. On the way out the server shuts down (open
     requests get `shutdown_grace_s`; a second signal cuts it short), then the runtime stops.
     `worker_progress` prints each worker's load line (the runtime logs them), for a caller about
-    to hand the terminal to a dashboard."""
+    to hand the terminal to a dashboard. `http`: HTTPServers (`http_servers`), bound here with the
+    socket's check and served once the socket is, sharing one set of metrics; they stop with it."""
     from splitnode.api import server, socket_file
     from splitnode.runtime import Runtime
 
     socket_file.prepare_socket_dir(path)
     await socket_file.check_socket_free(path)
+    http = http or []
+    await _bind_http(http)
     t0 = time.perf_counter()
     rt = Runtime(config)
-    with _interrupt_on_signals(), (
-            _log_to_stderr(logging.getLogger("splitnode")) if worker_progress else contextlib.nullcontext()):
-        print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
-              file=sys.stderr, flush=True)
-        await rt.start()
     try:
-        srv = await server.serve(rt, path)
+        with _interrupt_on_signals(), (
+                _log_to_stderr(logging.getLogger("splitnode")) if worker_progress else contextlib.nullcontext()):
+            print(f"splitnode: loading {config.model or 'the demo model'} on {', '.join(config.devices)} ...",
+                  file=sys.stderr, flush=True)
+            await rt.start()
+    except BaseException:
+        await asyncio.gather(*(h.close() for h in http))
+        raise
+    try:
+        servers = [await server.serve(rt, path)]
         stop = asyncio.Event()
-        with _stop_signals(stop, srv):
+        with _stop_signals(stop, servers):
             try:
+                await _start_http(rt, http, servers)
                 yield rt, time.perf_counter() - t0, stop
             finally:
-                await _shut_down(srv, shutdown_grace_s)
+                await _shut_down(servers, shutdown_grace_s)
     finally:
+        await asyncio.gather(*(h.close() for h in http))  # bound and never started (the socket failed)
         await rt.stop()
+
+
+async def _bind_http(http: list) -> None:
+    """Before the model loads, as the socket's check: a taken port fails now, not minutes later."""
+    try:
+        for h in http:
+            await h.bind()
+    except BaseException:
+        await asyncio.gather(*(h.close() for h in http))
+        raise
+    from splitnode.api.http import is_loopback
+
+    for h in http:
+        for host, port in h.tcp:
+            if not is_loopback(host):
+                what = "read the metrics" if h.metrics_only else "generate" + ("" if h.api_key else " (no --api-key)")
+                print(f"splitnode: warning: HTTP on {host}:{port} is reachable beyond this machine: anyone who can "
+                      f"reach it can {what}", file=sys.stderr, flush=True)
+
+
+async def _start_http(rt, http: list, servers: list) -> None:
+    from splitnode.api.metrics import Metrics
+
+    if not http:
+        return
+    metrics = Metrics(rt)
+    for h in http:
+        servers.append(h)
+        await h.start(rt, metrics)
+        for url in h.urls:
+            print(f"splitnode: {'Prometheus /metrics' if h.metrics_only else 'OpenAI-compatible HTTP'} on {url}",
+                  file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -153,7 +241,7 @@ def _interrupt_on_signals():
 
 
 @contextlib.contextmanager
-def _stop_signals(stop: asyncio.Event, srv):
+def _stop_signals(stop: asyncio.Event, servers: list):
     """The first SIGINT or SIGTERM sets `stop`; the next one (or the first once the shutdown has
     begun, after `q` in `up`) ends the shutdown's grace: each open request still gets its
     "shutting down" error, and the exit status is still 0. After that they are Python's own, for
@@ -162,10 +250,11 @@ def _stop_signals(stop: asyncio.Event, srv):
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def on_signal() -> None:
-        if not stop.is_set() and not srv.stopping:
+        if not stop.is_set() and not any(s.stopping for s in servers):
             stop.set()
             return
-        srv.hurry()
+        for s in servers:
+            s.hurry()
         for sig in signals:
             loop.remove_signal_handler(sig)
 
@@ -178,11 +267,13 @@ def _stop_signals(stop: asyncio.Event, srv):
             loop.remove_signal_handler(sig)
 
 
-async def _shut_down(srv, grace_s: float) -> None:
-    if srv.open_requests and grace_s > 0:
-        print(f"splitnode: stopping; {srv.open_requests} open request(s) get up to {grace_s:g}s to finish "
+async def _shut_down(servers: list, grace_s: float) -> None:
+    """Every server at once (the msgpack socket's and the HTTP ones): one grace for all."""
+    open_requests = sum(s.open_requests for s in servers)
+    if open_requests and grace_s > 0:
+        print(f"splitnode: stopping; {open_requests} open request(s) get up to {grace_s:g}s to finish "
               f"(Ctrl-C ends them now)", file=sys.stderr, flush=True)
-    await srv.shutdown(grace_s)
+    await asyncio.gather(*(s.shutdown(grace_s) for s in servers))
 
 
 @contextlib.contextmanager
@@ -200,8 +291,8 @@ def _log_to_stderr(logger: logging.Logger):
         logger.setLevel(level)
 
 
-async def _serve(config, path: Path, shutdown_grace_s: float) -> int:
-    async with serving(config, path, shutdown_grace_s=shutdown_grace_s) as (rt, seconds, stop):
+async def _serve(config, path: Path, shutdown_grace_s: float, http: list | None = None) -> int:
+    async with serving(config, path, shutdown_grace_s=shutdown_grace_s, http=http) as (rt, seconds, stop):
         roles = ", ".join(f"{d}={r}" for d, r in config.roles.items())
         print(f"splitnode: loaded in {seconds:.1f}s; {roles}", file=sys.stderr)
         print(f"splitnode: serving on {path} (Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -96,6 +96,9 @@ class Runtime:
         self._seeds = random.Random(self.config.seed)  # seeds of unseeded requests: runs repeat
         self._streams: dict[int, _Stream] = {}
         self._finished_metrics: deque[dict[str, float]] = deque(maxlen=4096)
+        # Called on the loop as each request ends, with its state and finish reason: how the API's
+        # Prometheus histograms see every request (the socket's and the HTTP API's alike).
+        self.request_end_hooks: list[Callable[[RequestState, str], None]] = []
         self._tasks: list[asyncio.Task] = []
         # Tokenizing a long prompt takes long enough to stall every stream: off the loop it goes.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="splitnode-tokenize")
@@ -208,7 +211,7 @@ class Runtime:
                     raise RuntimeError(f"request {st.request_id} failed: {item.error}")
                 ev = st.update(st.num_seen if item.finish_reason == "abort" else item.num_out, item.finish_reason)
                 if st.stopped_by_string and not stream.ended:
-                    self._end(stream)
+                    self._end(stream, "stop")
                     self._cancel(stream)
                 yield ev
                 if ev.finished:
@@ -232,10 +235,12 @@ class Runtime:
         for w in self.workers:
             w.wake.set()
 
-    def _end(self, stream: _Stream) -> None:
+    def _end(self, stream: _Stream, finish_reason: str) -> None:
         stream.ended = True
         self.num_finished += 1
         self._finished_metrics.append(stream.state.metrics())
+        for hook in self.request_end_hooks:
+            hook(stream.state, finish_reason)
 
     async def _trim_when_idle(self) -> None:
         """glibc keeps the heap a load peak grew to (RSS went 3.6 -> 5.2 GB over ten load rounds in
@@ -280,7 +285,7 @@ class Runtime:
                 stream.num_queued = max(stream.num_queued, ev.num_out)
             stream.queue.put_nowait(ev)
             if ev.finish_reason is not None:
-                self._end(stream)
+                self._end(stream, ev.finish_reason)
 
     def _worker_failed(self, msg: WorkerFailed) -> None:
         """Fails the requests the dead worker held (its thread is gone: reading its queues is

@@ -51,6 +51,7 @@ class DeviceStatus(TypedDict):
     busy_s: float
     error: str | None  # why the worker failed (it takes no work)
     role_change_waits_for: str | None  # what the role change under way waits for, if it waits
+    role_changes: int  # roles it has moved to since start
     cpu_cores: list[int] | None  # a CPU worker's own cores; None on a GPU
     gpu: GPUSample
     power_cap_w: float | None  # the power cap (RuntimeConfig.power_caps) in force on its GPU; None: none

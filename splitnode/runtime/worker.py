@@ -121,6 +121,7 @@ class Worker:
         self.num_stuck_handoffs = 0  # prefilled here, no room on any token worker (read by the router)
         self.num_steps = 0
         self.busy_s = 0.0
+        self.num_role_changes = 0  # roles taken since start (Prometheus counts them)
         self._thread = threading.Thread(target=self._main, name=f"splitnode-{name}", daemon=True)
 
     # -- seen from the loop thread ------------------------------------------------------------
@@ -194,7 +195,7 @@ class Worker:
             "batch_size": self.last_batch_size, "batch_tokens": self.last_batch_tokens,
             "pending_prompt_tokens": e.batcher.num_pending_prompt_tokens, "steps": self.num_steps,
             "busy_s": round(self.busy_s, 3), "error": None if self.error is None else repr(self.error),
-            "role_change_waits_for": self._role_change_waits_for(),
+            "role_change_waits_for": self._role_change_waits_for(), "role_changes": self.num_role_changes,
             "cpu_cores": None if self.cpu_cores is None else sorted(self.cpu_cores),
         }
 
@@ -498,6 +499,7 @@ class Worker:
         if not new.decodes and (self.arrivals or any(s.is_decode for s in self.engine.batcher.running)):
             return  # drained here or handed off by `_hand_off`, turn by turn; arrivals land first
         with self._role_lock:
+            self.num_role_changes += new != self.engine.batcher.role
             self.engine.batcher.role = new
             if self._role_gen == gen:  # else a newer change was asked meanwhile: the next turn takes it
                 self.target_role = None
