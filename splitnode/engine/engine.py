@@ -21,22 +21,9 @@ from splitnode.engine.model_runner import ModelRunner
 from splitnode.engine.sampling import Logprob, SamplingParams, sample, top_logprobs
 from splitnode.engine.sequence import Sequence
 from splitnode.model.attention import LayerHook
-from splitnode.model.loader import load_model
+from splitnode.model.loader import load_model, resolve_model_path
 
 log = logging.getLogger("splitnode")
-
-
-def resolve_model_path(model: str | None) -> Path:
-    if model is None:
-        from splitnode.model.demo import demo_model_path
-
-        return demo_model_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model folder not found: {path} (give a local Hugging Face folder with config.json, "
-            "*.safetensors and tokenizer.json; no model at all runs the demo model)")
-    return path
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int, limit: str) -> None:

@@ -84,8 +84,10 @@ def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     return final
 
 
-def write_demo_model(path: Path) -> None:
-    c = CONFIG
+def write_demo_model(path: Path, config: dict | None = None) -> None:
+    """The demo folder; `config` overrides sizes (hidden_size, num_hidden_layers, ...) for a
+    bigger random model of the same kind, as the benchmarks use."""
+    c = {**CONFIG, **(config or {})}
     hidden, inter, dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q_size, kv_size = c["num_attention_heads"] * dim, c["num_key_value_heads"] * dim
     gen = torch.Generator().manual_seed(0)
@@ -133,7 +135,7 @@ def byte_tokenizer() -> HFTokenizer:
     """One token per byte (ids 0-255, via the GPT-2 byte-to-unicode alphabet), then the special
     tokens; BOS is prepended by the post-processor."""
     alphabet = ByteLevel.alphabet()
-    byte_to_char = _bytes_to_unicode()
+    byte_to_char = bytes_to_unicode()
     assert set(byte_to_char.values()) == set(alphabet)
     vocab = {byte_to_char[b]: b for b in range(256)}
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -145,7 +147,7 @@ def byte_tokenizer() -> HFTokenizer:
     return tok
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizes into)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))

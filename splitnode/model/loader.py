@@ -1,7 +1,8 @@
-"""Load a Hugging Face folder (config.json + safetensors) into `LlamaForCausalLM` on a device.
+"""Load a Hugging Face folder (config.json + safetensors) or a GGUF file into `LlamaForCausalLM`.
 
-Every tensor the config implies is checked against the safetensors headers before anything is
-allocated on the device, so a bad checkpoint fails in milliseconds with the file and tensor named.
+Every tensor the config implies is checked against the safetensors headers (or the GGUF tensor
+table) before anything is allocated on the device, so a bad checkpoint fails in milliseconds with
+the file and tensor named.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from splitnode.model.config import ModelConfig, parse_dtype
+from splitnode.model.gguf import is_gguf_file
 from splitnode.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], st
     return found
 
 
-def validate_checkpoint(path: Path, config: ModelConfig, headers: dict) -> None:
+def validate_checkpoint(path: Path, config: ModelConfig, headers: dict, source: str = "config.json") -> None:
     expected = expected_tensors(config)
     for name, target in expected.items():
         if name not in headers:
@@ -105,7 +107,7 @@ def validate_checkpoint(path: Path, config: ModelConfig, headers: dict) -> None:
         file, shape, dtype = headers[name]
         if shape != target.shape:
             raise ValueError(
-                f"{file}: tensor {name!r} has shape {list(shape)}, but config.json implies "
+                f"{file}: tensor {name!r} has shape {list(shape)}, but {source} implies "
                 f"{list(target.shape)}")
         if dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has dtype {dtype}; expected F32, F16 or BF16")
@@ -119,7 +121,7 @@ def validate_checkpoint(path: Path, config: ModelConfig, headers: dict) -> None:
         file = headers[unknown[0]][0]
         raise ValueError(
             f"{file}: unexpected tensor {unknown[0]!r} ({len(unknown)} unexpected in all) for "
-            f"{config.architecture} as configured in config.json")
+            f"{config.architecture} as configured in {source}")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelConfig, headers: dict) -> torch.dtype:
@@ -134,32 +136,67 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelC
     return _SAFETENSORS_DTYPES[headers["model.embed_tokens.weight"][2]]
 
 
+def resolve_model_path(model: str | None) -> Path:
+    """What `--model` / `LLM(model)` names: None is the demo model, "smollm2" the SmolLM2 demo
+    (unless a path of that name exists), else a Hugging Face folder or a .gguf file."""
+    if model is None:
+        from splitnode.model.demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(model).expanduser()
+    if model == "smollm2" and not path.exists():
+        from splitnode.model.smollm2 import smollm2_model_path
+
+        return smollm2_model_path()
+    if path.is_dir() or is_gguf_file(path):
+        return path
+    raise FileNotFoundError(
+        f"model not found: {path} (give a local Hugging Face folder with config.json, *.safetensors and "
+        "tokenizer.json, a .gguf file, or 'smollm2'; no model at all runs the demo model)")
+
+
 @torch.no_grad()
 def load_model(path: str | Path, device: str | torch.device, dtype: str | torch.dtype = "auto"
                ) -> tuple[LlamaForCausalLM, ModelConfig]:
     path = Path(path)
+    device = torch.device(device)
+    if is_gguf_file(path):
+        from splitnode.model.gguf import open_gguf
+
+        gguf = open_gguf(path)
+        validate_checkpoint(path, gguf.config, gguf.headers(), source="its GGUF metadata")
+        return _build(gguf.config, device, gguf.resolve_dtype(dtype, device), gguf.tensors()), gguf.config
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    device = torch.device(device)
     config = ModelConfig.from_hf(path)
     headers = read_headers(checkpoint_files(path))
     validate_checkpoint(path, config, headers)
     dtype = resolve_dtype(dtype, device, config, headers)
 
+    def tensors():
+        by_file: dict[Path, list[str]] = {}
+        for name in expected_tensors(config):
+            by_file.setdefault(headers[name][0], []).append(name)
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+    return _build(config, device, dtype, tensors()), config
+
+
+def _build(config: ModelConfig, device: torch.device, dtype: torch.dtype, tensors) -> LlamaForCausalLM:
+    """The model on `device` in `dtype`, filled from (checkpoint name, tensor) pairs; names the
+    model does not use (validated as ignorable) are skipped."""
     # Build on meta, then allocate uninitialised storage on the device: no random init to throw away.
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.model.rotary_emb.reset_buffers()
     params = dict(model.named_parameters())
-
-    by_file: dict[Path, list[tuple[str, _Target]]] = {}
-    for name, target in expected_tensors(config).items():
-        by_file.setdefault(headers[name][0], []).append((name, target))
-    for file, items in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name, target in items:
-                tensor = f.get_tensor(name)
-                params[target.param].data.narrow(0, target.offset, target.shape[0]).copy_(tensor)
+    targets = expected_tensors(config)
+    for name, tensor in tensors:
+        if (target := targets.get(name)) is not None:
+            params[target.param].data.narrow(0, target.offset, target.shape[0]).copy_(tensor)
     model.requires_grad_(False)
-    return model.eval(), config
+    return model.eval()

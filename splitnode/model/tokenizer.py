@@ -1,5 +1,5 @@
-"""Text <-> token ids for a Hugging Face model folder, with streaming detokenization and the
-model's chat template, behaving as transformers' fast tokenizer does."""
+"""Text <-> token ids for a Hugging Face model folder (or a GGUF file's tokenizer metadata), with
+streaming detokenization and the model's chat template, behaving as transformers' fast tokenizer does."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+
+from splitnode.model.gguf import is_gguf_file
 
 
 def _read_json(file: Path) -> dict:
@@ -27,19 +29,26 @@ def _token_str(value) -> str | None:
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {path}")
         self.path = path
-        self._tok = HFTokenizer.from_file(str(file))
-        config = _read_json(path / "tokenizer_config.json")
+        if is_gguf_file(path):
+            from splitnode.model.gguf import open_gguf
+
+            self._tok, config, generation = open_gguf(path).tokenizer_parts()
+            eos_sources = [generation]
+        else:
+            file = path / "tokenizer.json"
+            if not file.is_file():
+                raise FileNotFoundError(f"no tokenizer.json in {path}")
+            self._tok = HFTokenizer.from_file(str(file))
+            config = _read_json(path / "tokenizer_config.json")
+            eos_sources = [_read_json(path / "generation_config.json"), _read_json(path / "config.json")]
         self.eos_token = _token_str(config.get("eos_token"))
         self.special_tokens = {
             key: tok for key in ("bos_token", "eos_token", "unk_token", "pad_token")
             if (tok := _token_str(config.get(key))) is not None
         }
         self.chat_template = self._find_chat_template(path, config)
-        self.eos_token_ids = self._find_eos_ids(path)
+        self.eos_token_ids = self._find_eos_ids(eos_sources)
 
     @property
     def vocab_size(self) -> int:
@@ -64,8 +73,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise ValueError(
-                f"the tokenizer in {self.path} has no chat template (tokenizer_config.json 'chat_template' "
-                "or chat_template.jinja); send a plain prompt instead")
+                f"the tokenizer in {self.path} has no chat template (tokenizer_config.json 'chat_template', "
+                "chat_template.jinja, or a GGUF file's tokenizer.chat_template); send a plain prompt instead")
         template = _compile_template(self.chat_template)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                **self.special_tokens)
@@ -73,7 +82,7 @@ class Tokenizer:
     @staticmethod
     def _find_chat_template(path: Path, config: dict) -> str | None:
         jinja = path / "chat_template.jinja"
-        if jinja.is_file():  # transformers >= 4.43 saves it here
+        if jinja.is_file():  # transformers >= 4.43 saves it here, and reads it before tokenizer_config's
             return jinja.read_text()
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: use the default one
@@ -81,12 +90,12 @@ class Tokenizer:
             template = named.get("default")
         return template
 
-    def _find_eos_ids(self, path: Path) -> set[int]:
+    def _find_eos_ids(self, sources: list[dict]) -> set[int]:
         """EOS from generation_config.json, config.json and tokenizer_config.json together: chat
         models often end turns with a token only the generation config names."""
         ids: set[int] = set()
-        for file in ("generation_config.json", "config.json"):
-            eos = _read_json(path / file).get("eos_token_id")
+        for source in sources:
+            eos = source.get("eos_token_id")
             if eos is not None:
                 ids.update(eos if isinstance(eos, list) else [eos])
         if self.eos_token is not None and (tid := self._tok.token_to_id(self.eos_token)) is not None:

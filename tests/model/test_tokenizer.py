@@ -119,6 +119,19 @@ def test_chat_template_errors(tok, demo_dir, tmp_path):
     assert Tokenizer(dst).apply_chat_template(CHAT[:2]) == "[Be brief.][Hi 🙂]"
 
 
+def test_chat_template_jinja_beside_the_tokenizer_wins_as_in_transformers(demo_dir, tmp_path):
+    """Newer transformers save the template as chat_template.jinja; a folder with both reads that one."""
+    from transformers import AutoTokenizer
+
+    dst = tmp_path / "tok"
+    shutil.copytree(demo_dir, dst)
+    (dst / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    ours = Tokenizer(dst).apply_chat_template(CHAT[:2])
+    assert ours == "<system>Be brief.<user>Hi 🙂"
+    assert ours == AutoTokenizer.from_pretrained(dst).apply_chat_template(CHAT[:2], tokenize=False,
+                                                                          add_generation_prompt=True)
+
+
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no tokenizer.json in {tmp_path}"):
         Tokenizer(tmp_path)
