@@ -3,6 +3,7 @@ decoding at once, each on its own core (and, for contrast, two sharing both core
 
     python examples/bench_cpu_devices.py                 # demo model, batch 8 per worker
     python examples/bench_cpu_devices.py --rounds 5 --batch 16
+    python examples/bench_cpu_devices.py --hidden 1024 --layers 8   # a bigger random model of the demo's kind
 
 Each configuration runs `--batch` decode-heavy requests per worker (16-token prompts, `--tokens`
 new tokens, greedy) through the runtime; a worker's step rate is its steps over its busy seconds
@@ -16,6 +17,8 @@ import argparse
 import asyncio
 import os
 import statistics
+import tempfile
+from pathlib import Path
 
 from splitnode import SamplingParams
 from splitnode.runtime import Runtime, RuntimeConfig
@@ -41,7 +44,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="decoding requests per worker (default: %(default)s)")
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per request (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="write a random model of the demo's kind with this hidden size (intermediate 2.75x, "
+                         "head_dim 64) and use it instead of --model")
+    ap.add_argument("--layers", type=int, default=4, help="its layers (default: %(default)s)")
     args = ap.parse_args()
+    if args.hidden:
+        from splitnode.model.demo import write_demo_model
+
+        folder = Path(tempfile.mkdtemp(prefix="splitnode-bench-model-"))
+        heads = args.hidden // 64
+        write_demo_model(folder, {"hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
+                                  "num_hidden_layers": args.layers, "num_attention_heads": heads,
+                                  "num_key_value_heads": max(1, heads // 4), "head_dim": 64})
+        args.model = str(folder)
+        print(f"random model: hidden {args.hidden}, {args.layers} layers, {heads} heads / {max(1, heads // 4)} KV heads")
     cores = len(os.sched_getaffinity(0))
     if cores < 2:
         raise SystemExit("bench_cpu_devices: needs two cores")

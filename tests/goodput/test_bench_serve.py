@@ -30,7 +30,7 @@ def test_in_process_compare_sets_each_layout_and_serves_every_request(tmp_path, 
         assert r["rate"] == 20 and r["num_ok"] == 6 and r["num_failed"] == 0
         assert r["num_output_tokens"] == sum(s.output_len for s in specs)
         assert set(r["slowdown"]["percentiles"]) == {"ttft", "tbt", "e2e"}
-        assert r["energy"] == {role: "n/a" for role in set(r["roles"].values()) | {"all"}}  # a CPU has no meter
+        assert r["energy"] == dict.fromkeys(set(r["roles"].values()) | {"all"}, "n/a")  # a CPU has no meter
     assert runs["colocated"]["transfers"]["num_sequences"] == 0
     # a one-token request is done at its prefill: only the others move to the token device
     moved = sum(s.output_len > 1 for s in specs)

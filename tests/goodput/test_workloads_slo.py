@@ -122,7 +122,7 @@ async def test_rate_search_with_no_rate_meeting_returns_zero():
 
 def test_layouts():
     devs = ["cpu:0", "cpu:1", "cpu:2"]
-    assert layout_roles("colocated", devs) == ({d: "mixed" for d in devs}, False)
+    assert layout_roles("colocated", devs) == (dict.fromkeys(devs, "mixed"), False)
     assert layout_roles("split", devs) == ({"cpu:0": "prompt", "cpu:1": "token", "cpu:2": "token"}, False)
     assert layout_roles("policy", devs)[1] is True
     assert layout_roles("2p1t", devs)[0] == {"cpu:0": "prompt", "cpu:1": "prompt", "cpu:2": "token"}
