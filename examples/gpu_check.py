@@ -1,6 +1,7 @@
 """Check splitnode's Triton kernels on a CUDA GPU: correctness against the torch references at
 Llama-3-8B-like sizes, then decode-attention and KV pack/unpack bandwidth against a plain
-device-to-device copy.
+device-to-device copy, and the fused layer kernels (add+RMSNorm, rotary, SiLU-and-mul) against the
+unfused torch ops they replace.
 
     PYTHONPATH=. python examples/gpu_check.py
 
@@ -19,6 +20,7 @@ import torch
 # splitnode.kernels), so the script runs without `pip install -e .` and without importing the
 # rest of splitnode and its dependencies.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from kernels import fused  # noqa: E402
 from kernels.kv_pack import kv_pack_ref, kv_pack_triton, kv_unpack_ref, kv_unpack_triton  # noqa: E402
 from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton  # noqa: E402
 from kernels.store_kv import store_kv_ref, store_kv_triton  # noqa: E402
@@ -116,6 +118,54 @@ def check_pack(dev: str) -> None:
     report(f"unpack {n} blocks (exact)", 0.0 if same else float("inf"), 0.0)
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Error relative to the reference's magnitude (at least 1): one rounding of the dtype at any scale."""
+    return ((a.float() - b.float()).abs() / b.float().abs().clamp(min=1)).max().item()
+
+
+def check_fused(dev: str) -> None:
+    print("fused layer kernels vs reference (Llama-3-8B: hidden 4096, intermediate 14336; relative error)")
+    hidden, inter, tokens = 4096, 14336, 64
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(tokens, hidden, device=dev, dtype=dtype)
+        r = torch.randn(tokens, hidden, device=dev, dtype=dtype)
+        w = (1 + 0.1 * torch.randn(hidden, device=dev)).to(dtype)
+        out, res = fused.add_rms_norm_triton(x, r, w, 1e-5)
+        ref, ref_res = fused.add_rms_norm_ref(x, r, w, 1e-5)
+        report(f"{str(dtype)[6:]} add+rms_norm T={tokens}", max(rel_err(out, ref), rel_err(res, ref_res)), TOL[dtype])
+        qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=dev, dtype=dtype)
+        ref_qkv = qkv.clone()
+        pos = torch.arange(tokens, device=dev).float()[:, None] * (1e4 ** (-torch.arange(0, HEAD_DIM, 2, device=dev) / HEAD_DIM))
+        cos, sin = torch.cat([pos, pos], -1).cos().to(dtype), torch.cat([pos, pos], -1).sin().to(dtype)
+        views = [t[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM) for t in (qkv, ref_qkv)]
+        kviews = [t[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM) for t in (qkv, ref_qkv)]
+        fused.rotary_qk_triton(views[0], kviews[0], cos, sin)
+        fused.rotary_qk_ref(views[1], kviews[1], cos, sin)
+        report(f"{str(dtype)[6:]} rotary q+k T={tokens}", rel_err(qkv, ref_qkv), TOL[dtype])
+        gu = torch.randn(tokens, 2 * inter, device=dev, dtype=dtype)
+        report(f"{str(dtype)[6:]} silu_and_mul T={tokens}", rel_err(fused.silu_and_mul_triton(gu), fused.silu_and_mul_ref(gu)),
+               TOL[dtype])
+
+
+def bench_fused(dev: str) -> None:
+    print("fused layer kernels vs the unfused torch ops, bf16, decode batch of 64 rows")
+    dtype, tokens, hidden, inter = torch.bfloat16, 64, 4096, 14336
+    x, r = torch.randn(tokens, hidden, device=dev, dtype=dtype), torch.randn(tokens, hidden, device=dev, dtype=dtype)
+    w = torch.ones(hidden, device=dev, dtype=dtype)
+    gu = torch.randn(tokens, 2 * inter, device=dev, dtype=dtype)
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=dev, dtype=dtype)
+    q = qkv[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
+    k = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    cos = sin = torch.ones(tokens, HEAD_DIM, device=dev, dtype=dtype)
+    for name, ours, theirs in [
+        ("add+rms_norm", lambda: fused.add_rms_norm_triton(x, r, w, 1e-5), lambda: fused.add_rms_norm_ref(x, r, w, 1e-5)),
+        ("rotary q+k", lambda: fused.rotary_qk_triton(q, k, cos, sin), lambda: fused.rotary_qk_ref(q, k, cos, sin)),
+        ("silu_and_mul", lambda: fused.silu_and_mul_triton(gu), lambda: fused.silu_and_mul_ref(gu)),
+    ]:
+        a, b = bench_ms(ours), bench_ms(theirs)
+        print(f"  {name:<14} fused {a * 1e3:7.1f} us   torch ops {b * 1e3:7.1f} us   ({b / a:4.1f}x)")
+
+
 def bench_ms(fn) -> float:
     import triton.testing
 
@@ -174,11 +224,13 @@ def main() -> int:
     check_attention(dev, gen)
     check_store(dev)
     check_pack(dev)
+    check_fused(dev)
     torch.cuda.empty_cache()
     copy_gbs = copy_rate(dev)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     bench_attention(dev, gen, copy_gbs)
     bench_pack(dev, copy_gbs)
+    bench_fused(dev)
     if failures:
         print(f"FAILED: {', '.join(failures)}")
         return 1

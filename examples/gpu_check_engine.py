@@ -3,7 +3,9 @@ mismatch). Needs an install of splitnode (`pip install --no-deps --no-build-isol
 
 1. The demo model on CUDA (CUDA graphs, and eager) gives the CPU engine's greedy tokens.
 2. Decode of a ~1B-parameter random Llama in bf16 against the memory roofline: bytes each decode
-   step must read (weights + KV) over the measured device copy rate.
+   step must read (weights + KV) over the measured read bandwidth (a sum over 2 GiB). The copy
+   rate counts bytes read plus bytes written; half of it, the figure used before, made the
+   roofline twice too slow and the efficiency twice too high.
 3. KVMover between two engines on the device: blocks arrive intact; rate against the copy rate.
 4. The runtime on the device gives the same tokens: one mixed worker; two workers on the GPU
    (prompt and token, KV moved between their pools on the card); split across GPU and CPU workers.
@@ -33,6 +35,20 @@ def copy_rate() -> float:
         y.copy_(x)
     torch.cuda.synchronize()
     return 2 * x.numel() * 10 / (time.perf_counter() - t)
+
+
+def read_rate() -> float:
+    """Bytes read per second by a reduction over 2 GiB: the rate a decode step's weight and KV
+    reads can reach."""
+    x = torch.ones(1 << 30, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        x.sum()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        x.sum()
+    torch.cuda.synchronize()
+    return x.numel() * x.element_size() * 10 / (time.perf_counter() - t)
 
 
 def write_random_llama(path: Path, device: str = "cuda", **cfg) -> None:
@@ -68,8 +84,8 @@ def main() -> int:
 
     ok = True
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
-    rate = copy_rate()
-    print(f"device copy rate: {rate / 1e9:.0f} GB/s (read + written)")
+    rate, read = copy_rate(), read_rate()
+    print(f"device copy rate: {rate / 1e9:.0f} GB/s (read + written); read bandwidth {read / 1e9:.0f} GB/s")
 
     # 1. demo model: CPU vs CUDA graphs vs CUDA eager
     greedy = SamplingParams(max_tokens=32, temperature=0.0, logprobs=1, ignore_eos=True)
@@ -116,7 +132,7 @@ def main() -> int:
         dt = (time.perf_counter() - t) / steps
         mc = eng.model_config
         kv_bytes = bs * (ctx + 8 + steps // 2) * 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 2
-        roof = (weight_bytes + kv_bytes) / (rate / 2)
+        roof = (weight_bytes + kv_bytes) / read
         print(f"decode 1B bf16 batch {bs:3d} ctx ~{ctx}: {dt * 1e3:.2f} ms/step, roofline {roof * 1e3:.2f} ms "
               f"({roof / dt:.2f} of the memory roofline), {bs / dt:.0f} tok/s")
         del llm, eng
@@ -141,9 +157,8 @@ def main() -> int:
         torch.cuda.synchronize()
         t = time.perf_counter()
         for layer in layers:
-            mover.send(a, b, src, dst, range(layer, layer + 1))
-        ev = mover.completion_event(a, b)
-        ev.synchronize()
+            sent = mover.send(a, b, src, dst, range(layer, layer + 1))
+        sent.written.synchronize()
         dt = time.perf_counter() - t
     intact = all(torch.equal(a.kv_caches[l][0][src], b.kv_caches[l][0][dst]) and
                  torch.equal(a.kv_caches[l][1][src], b.kv_caches[l][1][dst]) for l in layers)
@@ -157,8 +172,7 @@ def main() -> int:
     with torch.cuda.stream(a.compute_stream):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        mover.send(a, b, src, dst, layers)
-        mover.completion_event(a, b).synchronize()
+        mover.send(a, b, src, dst, layers).written.synchronize()
         dt = time.perf_counter() - t
     intact = all(torch.equal(a.kv_caches[l][0][src], b.kv_caches[l][0][dst]) and
                  torch.equal(a.kv_caches[l][1][src], b.kv_caches[l][1][dst]) for l in layers)

@@ -16,10 +16,11 @@ import torch
 
 from splitnode.engine.batcher import Batch, Batcher
 from splitnode.engine.config import EngineConfig
-from splitnode.engine.kv import BlockPool, allocate_kv_cache, kv_cache_bytes_per_block, layer_views
-from splitnode.engine.model_runner import ModelRunner
+from splitnode.engine.kv import BlockPool, allocate_kv_cache, kv_budget_bytes, kv_cache_bytes_per_block, layer_views
+from splitnode.engine.model_runner import MAX_GRAPH_BATCH, ModelRunner, graph_logits_bytes, prefill_peak_bytes
 from splitnode.engine.sampling import Logprob, SamplingParams, sample, top_logprobs
 from splitnode.engine.sequence import Sequence
+from splitnode.engine.streams import STREAMS
 from splitnode.model.attention import LayerHook
 from splitnode.model.loader import load_model, resolve_model_path
 
@@ -67,20 +68,33 @@ class Engine:
         self.kv_cache = allocate_kv_cache(mc.num_hidden_layers, num_blocks, config.block_size,
                                           mc.num_key_value_heads, mc.head_dim, self.dtype, self.device)
         self.kv_caches = layer_views(self.kv_cache)
-        # A compute stream and a transfer stream per engine, so KV moves overlap compute.
-        cuda = self.device.type == "cuda"
-        self.compute_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.transfer_stream = torch.cuda.Stream(self.device) if cuda else None
+        # A compute stream and a transfer stream per engine, so KV moves overlap compute (None on the CPU).
+        self.streams = STREAMS
+        self.compute_stream = self.streams.new(self.device)
+        self.transfer_stream = self.streams.new(self.device)
         self.batcher = Batcher(config, self.pool, role)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.max_model_len,
                                   config.max_num_seqs, self.device, config.enforce_eager)
+        # E1: the cache was zeroed (and the graphs captured) on this thread's default stream; the
+        # worker's streams are non-blocking ones, which nothing else orders after that work.
+        self.streams.synchronize(self.device)
         log.info("engine on %s: %d KV blocks of %d tokens (%.1f MiB), role %s", self.device, num_blocks,
                  config.block_size, num_blocks * per_block / 2**20, role)
 
     def _auto_num_blocks(self, per_block: int, kv_share: float) -> int:
+        """On CUDA: measured after a profiling prefill, leaving room for this engine's graph pool
+        and temporaries and for the weights of the engines still to load on the device (see
+        `kv_budget_bytes`). `kv_share` is 1/k for the k engines still to load there."""
         if self.device.type == "cuda":
+            cfg, mc = self.config, self.model_config
+            other = prefill_peak_bytes(self.model, mc, cfg.max_num_batched_tokens,
+                                       min(cfg.max_num_seqs, cfg.max_num_batched_tokens), cfg.block_size, self.dtype,
+                                       self.device)
+            if not cfg.enforce_eager:
+                other += graph_logits_bytes(min(cfg.max_num_seqs, MAX_GRAPH_BATCH), mc.vocab_size)
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = (total * self.config.gpu_memory_utilization - (total - free)) * kv_share
+            budget = kv_budget_bytes(total, free, cfg.gpu_memory_utilization, weights, other, kv_share)
         else:
             budget = (self.config.kv_cache_gib or 1.0) * 2**30 * kv_share
         if budget < per_block:
@@ -123,11 +137,14 @@ class Engine:
 
     def step(self, hook_for: Callable[[Batch], LayerHook | None] | None = None) -> tuple[Batch, list[Sequence]]:
         """Schedules and runs one batch; returns it and what `execute` returns. `hook_for(batch)`
-        may give a per-layer hook for the forward (the runtime's layer-wise KV transfer)."""
+        may give a per-layer hook for the forward (the runtime's layer-wise KV transfer). Runs on
+        this engine's device and compute stream whatever thread calls it (C2: an executor thread's
+        current device is 0, and Triton launches on the current device with cuda:1 pointers)."""
         batch = self.schedule()
         if not batch:
             return batch, []
-        return batch, self.execute(batch, hook_for(batch) if hook_for else None)
+        with self.streams.on(self.compute_stream):
+            return batch, self.execute(batch, hook_for(batch) if hook_for else None)
 
     def _logit_rows(self, batch: Batch) -> tuple[list[int], list[_SeqRows]]:
         """Which flat-batch rows need logits: the last row of every chunk that completes its

@@ -3,18 +3,84 @@ Decode-only batches on CUDA replay CUDA graphs captured at a ladder of batch siz
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from splitnode.engine.batcher import Batch
+from splitnode.engine.kv import allocate_kv_cache, layer_views
 from splitnode.model.attention import AttentionContext, LayerHook, PrefillChunk
 from splitnode.model.decode_mirror import DecodeMirror
 
 DECODE_MIRROR_BYTES = 256 << 20
+MAX_GRAPH_BATCH = 256  # decode batches past it run eagerly
 
 
 def slot_of(table: list[int], pos: int, block_size: int) -> int:
     """The cache slot of a sequence's token at `pos`, from its block table."""
     return table[pos // block_size] * block_size + pos % block_size
+
+
+def graph_sizes(max_bs: int) -> list[int]:
+    """The batch sizes decode graphs are captured at: the smallest that fits is replayed."""
+    return [b for b in (1, 2, 4, 8) + tuple(range(16, max_bs + 1, 16)) if b <= max_bs]
+
+
+def graph_logits_bytes(max_bs: int, vocab_size: int) -> int:
+    """The float32 logits every captured graph keeps alive in the graph pool: 1.1 GB at Llama-3's
+    vocabulary and 256 sequences, which the KV budget must leave room for (M3)."""
+    return sum(graph_sizes(max_bs)) * vocab_size * 4
+
+
+def prefill_peak_bytes(model, mc, num_tokens: int, num_rows: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """What a prefill of `num_tokens` (the batch budget) and logits for `num_rows` of them take on
+    the device beyond the weights and the KV cache, measured by running one before the cache is
+    sized, as vLLM profiles (M3). CUDA only: 0 on the CPU, whose KV size is set, not derived."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    kv = allocate_kv_cache(mc.num_hidden_layers, -(-num_tokens // block_size), block_size, mc.num_key_value_heads,
+                           mc.head_dim, dtype, device)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions = torch.arange(num_tokens, device=device)
+    ctx = AttentionContext(layer_views(kv), positions, prefills=[PrefillChunk(0, num_tokens, num_tokens, None)])
+    with torch.inference_mode():
+        model.compute_logits(model(ids, positions, ctx)[-num_rows:])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - kv.numel() * kv.element_size()
+    del kv, ids, positions, ctx
+    torch.cuda.empty_cache()  # so that mem_get_info counts it free again
+    return max(0, peak)
+
+
+def capture_ladder(cuda, device: torch.device, sizes: list[int], run: Callable[[int], torch.Tensor]):
+    """CUDA graphs of `run(bs)` for each batch size, largest first (the smaller ones reuse its
+    memory pool); returns the graphs, their outputs and the capture stream. `cuda` is torch.cuda
+    (a recording double in the tests).
+
+    Warm-up and capture run under `device` and on a capture stream of this engine's own, made on
+    that device. Without `stream=`, torch.cuda.graph captures on one stream per process, made on
+    the device current at the first capture: a second engine's graphs would be captured on the
+    first engine's GPU, with its Triton kernels writing the other GPU's memory and its torch ops
+    left out of the graph (C1). A stream of its own also gives each engine its own cuBLAS
+    workspace in its graphs, so two engines on one GPU do not share one under concurrent replays
+    (M4). Capture errors are thread-local: other threads may allocate or sync meanwhile."""
+    stream = cuda.Stream(device)
+    graphs, outs, pool = {}, {}, None
+    cuda.synchronize(device)  # weights, cache and static inputs were written on the default stream
+    with cuda.device(device), cuda.stream(stream):
+        for bs in sorted(sizes, reverse=True):
+            run(bs)  # warm-up: lazy initialisation (cuBLAS, Triton compiles) stays out of the graph
+            graph = cuda.CUDAGraph()
+            with cuda.graph(graph, pool, stream=stream, capture_error_mode="thread_local"):
+                outs[bs] = run(bs)
+            pool = graph.pool() if pool is None else pool
+            graphs[bs] = graph
+    cuda.synchronize(device)
+    return graphs, outs, stream
 
 
 class ModelRunner:
@@ -26,10 +92,11 @@ class ModelRunner:
         self.device = device
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_stream = None  # the stream the graphs were captured on (CUDA graphs only)
         # CPU only: GPUs read the paged cache with the Triton kernel under CUDA graphs.
         self.decode_mirror = DecodeMirror(DECODE_MIRROR_BYTES) if device.type == "cpu" else None
         if device.type == "cuda" and not enforce_eager:
-            self._capture_graphs(min(max_num_seqs, 256))
+            self._capture_graphs(min(max_num_seqs, MAX_GRAPH_BATCH))
 
     def _to_device(self, data, dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
@@ -104,19 +171,14 @@ class ModelRunner:
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self.g_host = torch.zeros(max_bs * (4 + self.max_blocks_per_seq), dtype=torch.int64).pin_memory()
-        self.g_out: dict[int, torch.Tensor] = {}
-        sizes = [b for b in (1, 2, 4, 8) + tuple(range(16, max_bs + 1, 16)) if b <= max_bs]
-        pool = None
+        sizes = graph_sizes(max_bs)
+
+        def run(bs: int) -> torch.Tensor:
+            ctx = AttentionContext(self.kv_caches, self.g_slots[:bs], bs, self.g_tables[:bs], self.g_lens[:bs])
+            return self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs], ctx))
+
         with torch.inference_mode():
-            for bs in reversed(sizes):
-                ctx = AttentionContext(self.kv_caches, self.g_slots[:bs], bs, self.g_tables[:bs], self.g_lens[:bs])
-                self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs], ctx))  # warm-up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    self.g_out[bs] = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs], ctx))
-                pool = graph.pool() if pool is None else pool
-                self.graphs[bs] = graph
-        torch.cuda.synchronize(dev)
+            self.graphs, self.g_out, self.capture_stream = capture_ladder(torch.cuda, dev, sizes, run)
 
     def _replay(self, batch: Batch) -> torch.Tensor:
         n = len(batch)

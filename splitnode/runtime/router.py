@@ -18,9 +18,9 @@ class Router:
 
     def route(self, seq: Sequence) -> Worker:
         """Chooses seq's prompt worker P (fewest pending prompt tokens) and, when P does not
-        decode, its token worker T (most free KV blocks), reserving T's blocks for the prompt.
-        Returns P; T rides on the sequence as its `Handoff`. With no room on any T the
-        choice of T waits for the hand-off, and the KV stays on P until then."""
+        decode, its token worker T (cheapest link from P, then most free KV blocks), reserving
+        T's blocks for the prompt. Returns P; T rides on the sequence as its `Handoff`. With no
+        room on any T the choice of T waits for the hand-off, and the KV stays on P until then."""
         healthy = [w for w in self.workers if w.error is None]
         prompt_side = [w for w in healthy if w.accepts_prefill] or [
             w for w in healthy if (w.target_role or w.role).takes_prompts]
@@ -53,5 +53,10 @@ class Router:
         return None, None
 
     def _by_headroom(self, exclude: Worker) -> list[Worker]:
+        """Token-capable workers the KV of `exclude` (the sender) reaches most cheaply first: on
+        its own device, then over P2P, then through the host (T1: on a box where some GPU pairs
+        have no P2P, the move to a P2P peer with room is several times faster); among equals, the
+        most free blocks."""
         cands = [w for w in self.workers if w is not exclude and w.accepts_decode and w.error is None]
-        return sorted(cands, key=lambda w: (-w.engine.pool.num_free, w.index))
+        src, link = exclude.engine.device, exclude.mover.link
+        return sorted(cands, key=lambda w: (link(src, w.engine.device), -w.engine.pool.num_free, w.index))

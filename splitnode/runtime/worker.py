@@ -25,7 +25,7 @@ from splitnode.engine.batcher import Batch, Role
 from splitnode.engine.engine import Engine
 from splitnode.engine.sequence import SeqStatus, Sequence
 from splitnode.runtime.messages import Add, Arrival, Arrive, RoleReached, TokenEvent, WorkerFailed
-from splitnode.runtime.transfer import KVMover, block_ids
+from splitnode.runtime.transfer import KVMover, Sent
 
 log = logging.getLogger("splitnode")
 
@@ -68,17 +68,20 @@ class Handoff:
     blocks: list[int] | None = None
     num_sent: int = 0  # tokens whose KV, every layer, is in `blocks`
     epoch: int = 0  # seq.num_preemptions when num_sent was counted: a preemption drops it
+    sent: Sent | None = None  # the events of the send that completed num_sent (its last layer)
 
     def num_sent_for(self, seq: Sequence) -> int:
         return self.num_sent if self.epoch == seq.num_preemptions else 0
 
-    def mark_sent(self, seq: Sequence, num_tokens: int) -> None:
-        self.num_sent, self.epoch = num_tokens, seq.num_preemptions
+    def mark_sent(self, seq: Sequence, num_tokens: int, sent: Sent) -> None:
+        self.num_sent, self.epoch, self.sent = num_tokens, seq.num_preemptions, sent
 
-    def release(self, seq_id: int) -> None:
+    def release(self, seq_id: int, fence=None) -> None:
+        """Gives dest's blocks back: claimed ones once `fence` (after every unpack this worker
+        queued for dest) has fired, as a layer-wise unpack may still be writing them."""
         pool = self.dest.engine.pool
         if self.blocks is not None:
-            pool.free(self.blocks)
+            pool.free_after(self.blocks, fence)
         else:
             pool.cancel(seq_id)
 
@@ -102,6 +105,7 @@ class Worker:
         self.pick_dest = pick_dest
         self.policy = policy
         self.cpu_cores = cpu_cores  # a CPU worker's own cores (None: wherever the OS puts it)
+        mover.add_device(engine.device)  # its peers are checked and warmed when the thread starts
         self.target_role: Role | None = None  # set while a role change is under way
         self.mode = "drain"
         self._change_asked_at = 0.0  # time.monotonic() of the change under way
@@ -223,6 +227,7 @@ class Worker:
             if self.engine.device.type == "cuda":
                 torch.cuda.set_device(self.engine.device)
                 stream = torch.cuda.stream(self.engine.compute_stream)
+                self.mover.warm_up(self.engine.device)
             elif self.cpu_cores:
                 # This thread and the OpenMP team it starts (threads inherit the mask) run on these
                 # cores only; torch's intra-op thread count is per calling thread.
@@ -272,10 +277,11 @@ class Worker:
             if h is not None and h.blocks is None:
                 h.dest.engine.pool.renew(seq.seq_id, self.policy.reservation_lease_s)
         t0 = time.perf_counter()
-        if eng.compute_stream is not None:
-            # blocks freed since the last batch (a cancel, a preemption) may still be read or
-            # written by a transfer on this device's transfer stream: finish that first
-            eng.compute_stream.wait_stream(eng.transfer_stream)
+        # No wait for the transfer streams here (P1: the unpacks queued for this device wait for
+        # other GPUs' prefills, and a decode waited for them all): an arriving sequence is waited
+        # for alone, as it is admitted; blocks a transfer may still write are freed only once its
+        # event has fired (`BlockPool.free_after`); blocks this worker sends are reused only after
+        # the pack that reads them (`KVMover.wait_packed`).
         batch, seqs = eng.step(self._layer_hook)
         for seq in seqs:
             if seq.is_finished:  # e.g. at its first token, before any hand-off
@@ -312,13 +318,14 @@ class Worker:
                 keep.append(a)
         self.arrivals = keep
 
-    @staticmethod
-    def _release_handoff(seq: Sequence) -> None:
+    def _release_handoff(self, seq: Sequence) -> None:
         """Gives back what the sequence holds on its token worker: the reservation, or the
-        blocks the layer-wise transfer claimed. Every way out of this worker but the hand-off
-        (finished here, cancelled, its token worker gone) goes through here."""
-        if seq.handoff is not None:
-            seq.handoff.release(seq.seq_id)
+        blocks the layer-wise transfer claimed (once what this worker queued for them is done).
+        Every way out of this worker but the hand-off (finished here, cancelled, its token
+        worker gone) goes through here."""
+        h = seq.handoff
+        if h is not None:
+            h.release(seq.seq_id, None if h.blocks is None else self.mover.fence(self.engine, h.dest.engine))
             seq.handoff = None
 
     def _drop(self, seq: Sequence) -> None:
@@ -329,8 +336,9 @@ class Worker:
 
     def _admit_arrivals(self) -> None:
         """Sequences handed to this worker join its batches once their KV is complete; a transfer
-        that failed or timed out is recomputed here."""
-        keep = []
+        that failed or timed out is recomputed here. Each admitted sequence's event is what this
+        worker's compute stream waits for, and all it waits for from the transfers (P1)."""
+        eng, keep = self.engine, []
         for a in self.arrivals:
             timed_out = time.monotonic() - a.since > self.policy.transfer_timeout_s
             # a cancelled one's copy may still run: the sweep frees it once it is done
@@ -342,7 +350,12 @@ class Worker:
                 log.warning("KV transfer of request %d to %s %s: recomputing its prefill here",
                             a.seq.seq_id, self.name, "failed" if a.failed else "timed out")
                 a.seq.num_computed = 0
-            self.engine.add(a.seq)  # it holds its blocks here: the batcher runs it
+                if not a.copy_done():  # a write of it may still land: recompute in other blocks
+                    eng.pool.free_after(a.seq.block_table, a.event)
+                    a.seq.reset_for_recompute()
+            else:
+                eng.streams.wait_event(eng.compute_stream, a.event)  # fired: orders, never stalls
+            eng.add(a.seq)  # with its blocks the batcher runs it; without, it waits for room
         self.arrivals = keep
 
     # -- moving sequences out -------------------------------------------------------------------
@@ -380,28 +393,31 @@ class Worker:
             if dest is None:
                 self._give_up_token_side_holds()
                 dest, blocks = self.pick_dest(seq, self)
-                sent = False
+                sent = None
             if dest is None:
                 num_stuck += 1
                 continue  # keep the KV here and try again next turn
-            self._move(seq, dest, blocks, layers_done=sent)
+            self._move(seq, dest, blocks, sent)
         self.num_stuck_handoffs = num_stuck
 
-    def _destination(self, seq: Sequence) -> tuple[Worker | None, list[int] | None, bool]:
-        """Where seq goes, its blocks there, and whether the layer-wise sends already wrote every
-        computed token: its reservation (grown to the sequence), else any token worker with room."""
+    def _destination(self, seq: Sequence) -> tuple[Worker | None, list[int] | None, Sent | None]:
+        """Where seq goes, its blocks there, and, if the layer-wise sends already wrote every
+        computed token, the events of the last of them: its reservation (grown to the
+        sequence), else any token worker with room."""
         h = seq.handoff
         if h is not None and (h.dest.error is not None or not h.dest.decodes_after_change):
             self._release_handoff(seq)  # its token worker died or is leaving decode work: find another
             h = None
         if h is not None:
             claimed, h.blocks = h.blocks, None
-            sent = claimed is not None and h.num_sent_for(seq) == seq.num_computed
-            blocks = self._fit(h.dest, claimed if claimed is not None else h.dest.engine.pool.claim(seq.seq_id), seq)
+            sent = h.sent if claimed is not None and h.num_sent_for(seq) == seq.num_computed else None
+            fence = None if claimed is None else self.mover.fence(self.engine, h.dest.engine)
+            blocks = self._fit(h.dest, claimed if claimed is not None else h.dest.engine.pool.claim(seq.seq_id), seq,
+                               fence)
             if blocks is not None:
                 return h.dest, blocks, sent
         dest, blocks = self.pick_dest(seq, self)  # no reservation (or its lease ran out): room now
-        return dest, blocks, False
+        return dest, blocks, None
 
     def _give_up_token_side_holds(self) -> None:
         """Sequences not yet prefilled here release their reservations and claimed blocks on
@@ -412,8 +428,9 @@ class Worker:
                 self._release_handoff(seq)
 
     @staticmethod
-    def _fit(dest: Worker, blocks: list[int] | None, seq: Sequence) -> list[int] | None:
-        """Reserved blocks cover the prompt; grow them to the sequence as it is now."""
+    def _fit(dest: Worker, blocks: list[int] | None, seq: Sequence, fence=None) -> list[int] | None:
+        """Reserved blocks cover the prompt; grow them to the sequence as it is now. Blocks that
+        do not fit go back once `fence` (after the layer-wise writes into them) has fired."""
         if blocks is None:
             return None
         pool = dest.engine.pool
@@ -422,24 +439,27 @@ class Worker:
             if need <= 0:
                 return blocks
             if not pool.can_allocate(need):
-                pool.free(blocks)
+                pool.free_after(blocks, fence)
                 return None
             return blocks + pool.allocate(need)
 
-    def _move(self, seq: Sequence, dest: Worker, blocks: list[int], layers_done: bool) -> None:
-        """Sends what is not there yet, then gives the sequence to dest. The source blocks are
-        free again once the copy has read them (the compute stream waits for it)."""
+    def _move(self, seq: Sequence, dest: Worker, blocks: list[int], sent: Sent | None) -> None:
+        """Sends what is not there yet (nothing if `sent`: the layer-wise sends wrote it all),
+        then gives the sequence to dest, which admits it on the event of the last unpack. The
+        source blocks are freed at once: this compute stream waits for the pack that reads them,
+        not for the copy or the unpack (P2)."""
         eng = self.engine
         failed = False
         n = eng.pool.blocks_for(seq.num_computed)
         try:
-            if not layers_done:
-                self.mover.send(eng, dest.engine, seq.block_table[:n], blocks[:n],
-                                range(eng.model_config.num_hidden_layers))
-            event = self.mover.completion_event(eng, dest.engine)
+            if sent is None:
+                sent = self.mover.send(eng, dest.engine, seq.block_table[:n], blocks[:n],
+                                       range(eng.model_config.num_hidden_layers))
+            self.mover.wait_packed(eng, sent)
+            event = sent.written
         except Exception:
             log.exception("KV transfer of request %d from %s to %s failed", seq.seq_id, self.name, dest.name)
-            failed, event = True, None
+            failed, event = True, self.mover.abandon(eng, dest.engine)  # dest recomputes after it
         eng.batcher.remove(seq)  # frees the source blocks
         seq.block_table = blocks
         seq.handoff = None
@@ -461,13 +481,14 @@ class Worker:
                 if job.seq.seq_id in failed:
                     continue
                 try:
-                    self.mover.send(eng, job.handoff.dest.engine, job.src_ids, job.dst_ids, range(layer, layer + 1))
+                    sent = self.mover.send(eng, job.handoff.dest.engine, job.src_ids, job.dst_ids,
+                                           range(layer, layer + 1))
                 except Exception:  # the hand-off sends every layer again (or the token worker recomputes)
                     log.exception("layer-wise KV transfer of request %d failed", job.seq.seq_id)
                     failed.add(job.seq.seq_id)
                     continue
-                if layer == last:
-                    job.handoff.mark_sent(job.seq, job.upto)
+                if layer == last:  # one pair stream, in order: its events cover the earlier layers too
+                    job.handoff.mark_sent(job.seq, job.upto, sent)
 
         return hook
 
@@ -483,8 +504,9 @@ class Worker:
             if h.blocks is None or len(h.blocks) < len(seq.block_table) or h.num_sent_for(seq) != seq.num_computed:
                 continue  # the hand-off sends it all (an earlier chunk did not go layer by layer)
             lo, hi = seq.num_computed // pool.block_size, pool.blocks_for(seq.num_computed + n)
-            jobs.append(_LayerJob(seq, h, block_ids(seq.block_table[lo:hi], self.engine.device),
-                                  block_ids(h.blocks[lo:hi], h.dest.engine.device), seq.num_computed + n))
+            # made once per batch, each on the stream that reads it (see KVMover.block_ids)
+            src_ids, dst_ids = self.mover.block_ids(self.engine, h.dest.engine, seq.block_table[lo:hi], h.blocks[lo:hi])
+            jobs.append(_LayerJob(seq, h, src_ids, dst_ids, seq.num_computed + n))
         return jobs
 
     # -- role changes ------------------------------------------------------------------------------

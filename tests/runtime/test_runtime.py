@@ -196,23 +196,35 @@ async def test_chunked_prefill_sends_each_chunk_layer_by_layer():
 
 
 async def test_timed_out_transfer_is_recomputed_on_the_token_worker(reference, monkeypatch):
+    """The copy outlives the timeout: the token worker recomputes the prefill in other blocks, and
+    the ones the late copy may still write return to its pool only once the copy's event fires."""
     ps, ref = reference
 
-    class NeverDoneEvent:
-        """Test double for a CUDA event of a copy that never completes (a hung link)."""
+    class LateEvent:
+        """Test double for the CUDA event of a copy on a hung link: done once the test says so."""
+
+        fired = False
 
         def query(self) -> bool:
-            return False
+            return LateEvent.fired
 
     cfg = RuntimeConfig(devices="cpu:2", num_kv_blocks=BLOCKS, transfer_timeout_s=0.05, autoscale=False)
     async with Runtime(cfg) as rt:
-        monkeypatch.setattr(rt.mover, "completion_event", lambda src, dst: NeverDoneEvent())
+        send = rt.mover.send
+        monkeypatch.setattr(rt.mover, "send", lambda *a: send(*a)._replace(written=LateEvent()))
         results = await asyncio.gather(*[collect(rt, p) for p in ps[:3]])
         st = rt.status()
+        token_pool = rt.workers[1].engine.pool
+        held_while_late = token_pool.num_pending
+        LateEvent.fired = True
+        st_after = rt.status()
     for events, r in zip(results, ref):
         assert events[-1].token_ids == r.token_ids
     assert st["transfers"]["num_failed"] == 3 and st["transfers"]["in_flight"] == 0
-    assert all(d["kv_blocks_used"] == 0 for d in st["devices"])
+    # each arrival's blocks (the prompt's, plus the first token's) wait for the late copy
+    assert held_while_late == sum(token_pool.blocks_for(len(p) + 1) for p in ps[:3])
+    assert st["devices"][1]["kv_blocks_used"] == held_while_late
+    assert all(d["kv_blocks_used"] == 0 for d in st_after["devices"]) and token_pool.num_pending == 0
 
 
 async def test_a_layer_send_that_fails_mid_prefill_is_sent_again_whole(monkeypatch):
