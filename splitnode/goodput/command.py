@@ -266,21 +266,32 @@ async def _bench(args, target: Target, specs, prompts, base, alone, out: Report,
                                  on_done=bar.task(f"{label}: {layout}", len(specs)), **kw)
         after = await target.status()
         summary = S.summarize(results, alone, args.slo_s, args.attainment)
+        summary["requests"] = [{"prompt_len": r.prompt_len, "output_len": r.output_len, "sent_s": r.sent_s,
+                                "ttft_s": r.ttft if r.ok else None, "e2e_s": r.e2e if r.ok else None, "tpot_s": r.tpot,
+                                "error": r.error} for r in results]
         summary.update(layout=layout, rate=rate, roles=roles, energy=energy_per_token(before, after, results),
                        transfers={k: after["transfers"][k] - before["transfers"][k]
                                   for k in ("bytes_moved", "num_sequences", "num_failed")})
         return summary
 
     if args.sweep:
+        # The layouts' searches take turns (the lock is FIFO: each run waits for one of every other
+        # layout), so a slow spell of the host weighs on all of them alike.
         start = args.sweep_start or len(target.devices) / statistics.mean(a.e2e for a in alone.values())
-        for layout in args.layouts:
-            async def meets(rate: float, layout=layout) -> bool:
-                s = await one_run(layout, rate, f"sweep {rate:.2f}/s")
+        turn = asyncio.Lock()
+
+        async def search(layout: str) -> None:
+            async def meets(rate: float) -> bool:
+                async with turn:
+                    s = await one_run(layout, rate, f"sweep {rate:.3g}/s")
                 out.runs.append(s)
                 return s["met"]
 
             good, history = await S.search_rate(meets, start, args.sweep_runs)
             out.goodput[layout] = {"rate": good, "per_device": good / len(target.devices), "runs": history}
+
+        await asyncio.gather(*(search(layout) for layout in args.layouts))
+        out.goodput = {layout: out.goodput[layout] for layout in args.layouts}
         return
     rates = args.rates or [None]
     for rate in rates:
@@ -334,7 +345,7 @@ class Report:
         return _Progress()
 
     def finish(self, args) -> int:
-        if self.runs and not args.sweep:
+        if self.runs:
             print(self.table(args))
         if self.goodput:
             print(self.goodput_table(args))
@@ -364,7 +375,7 @@ class Report:
                 att = s.get("absolute", {}).get("attainment")
                 ratio = s["output_tokens_per_s"] / max(first["output_tokens_per_s"], 1e-9)
                 met = "met" if s["met"] else "missed"
-                rows.append(f"{layout:<11}{(f'{rate:g}' if rate else '-'):>6}{s['requests_per_s']:>7.2f}"
+                rows.append(f"{layout:<11}{(f'{rate:.3g}' if rate else '-'):>6}{s['requests_per_s']:>7.2f}"
                             f"{s['output_tokens_per_s']:>8.1f}{_ms(s['ttft_s']):>20}{_ms(s['tbt_s']):>19}"
                             f"{_ms(s['e2e_s']):>20}  {met:<6}{(f'{att:.0%}' if att is not None else '-'):>7}"
                             f"{f'{ratio:.2f}x tok/s':>14}")

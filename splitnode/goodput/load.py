@@ -113,6 +113,7 @@ async def measure_alone(target, prompts: list[list[int]], specs: list[RequestSpe
         if not r.ok:
             raise RuntimeError(f"a request alone on an idle device failed: {r.error}")
         gaps = sorted(r.gaps)
-        cache[key] = Alone(r.ttft, gaps[len(gaps) // 2] if gaps else None, r.e2e)
+        median = gaps[len(gaps) // 2] if gaps else None
+        cache[key] = Alone(r.ttft, median, r.e2e, tuple(g / median for g in r.gaps) if median else ())
         if on_done is not None:
             on_done()

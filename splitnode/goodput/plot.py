@@ -24,15 +24,20 @@ def plot(runs: list[dict], path: Path, meta: dict) -> None:
         raise ValueError("--plot draws figures against the request rate: give --rate R1,R2,... or --sweep")
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), constrained_layout=True)
     panels = [("ttft_s", "TTFT (ms)"), ("tbt_s", "TBT, every gap (ms)"), ("e2e_s", "E2E (ms)")]
-    for layout in dict.fromkeys(r["layout"] for r in rated):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, layout in enumerate(dict.fromkeys(r["layout"] for r in rated)):
         mine = sorted((r for r in rated if r["layout"] == layout), key=lambda r: r["rate"])
-        rates = [r["rate"] for r in mine]
+        rates, color = [r["rate"] for r in mine], colors[i % len(colors)]
         for ax, (key, _) in zip(axes, panels):
             for q, style in (("p50", "--"), ("p99", "-")):
                 ys = [r[key][q] * 1000 if r[key] else float("nan") for r in mine]
-                ax.plot(rates, ys, style, marker="o", ms=3, label=f"{layout} {q}")
+                ax.plot(rates, ys, style, color=color, marker="o", ms=3, label=f"{layout} {q}")
         att = [attainment(r) for r in mine]
-        axes[3].plot(rates, [a if a is not None else float("nan") for a in att], marker="o", ms=3, label=layout)
+        axes[3].plot(rates, [a if a is not None else float("nan") for a in att], color=color, marker="o", ms=3,
+                     label=layout)
+        for r in mine:  # a square where the run met its SLOs
+            if r["met"]:
+                axes[3].plot([r["rate"]], [attainment(r) or 0.0], "s", color=color, ms=7, mfc="none")
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("requests/s")
@@ -41,7 +46,7 @@ def plot(runs: list[dict], path: Path, meta: dict) -> None:
         ax.legend(fontsize=7)
     label = ("share of requests meeting --slo" if any("absolute" in r for r in rated)
              else "share within 2x TTFT and 1.25x E2E of alone")
-    axes[3].set_title("SLO attainment")
+    axes[3].set_title("SLO attainment (square: run met its SLOs)")
     axes[3].set_ylabel(label, fontsize=8)
     axes[3].set_xlabel("requests/s")
     axes[3].set_ylim(0, 1.02)

@@ -83,6 +83,17 @@ def test_slowdown_slos_on_made_up_timings():
     assert S.slowdowns(failed, alone)["ttft"][-1] == math.inf
 
 
+def test_tbt_slowdown_is_charged_only_for_spread_beyond_the_idle_one():
+    # idle gaps spread 1x..3x their median; under load every gap is twice its idle counterpart
+    spread = tuple(1.0 + 2.0 * i / 99 for i in range(100))
+    alone = {(5, 101): S.Alone(ttft=0.1, tbt=0.01, e2e=1.1, gap_ratios=spread)}
+    loaded = S.RequestResult(5, 101, 0.0, [0.1])
+    for ratio in spread:
+        loaded.token_s.append(loaded.token_s[-1] + 0.02 * ratio)
+    tbt = S.slowdown_check([loaded], alone)["percentiles"]["tbt"]
+    assert tbt == {q: pytest.approx(2.0) for q in ("p50", "p90", "p99")}
+
+
 def test_absolute_slos_and_attainment():
     slo = S.parse_slo("ttft=150,tpot=15")
     assert slo == {"ttft": 0.15, "tbt": 0.015}
