@@ -252,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_skip = RUNTIME_OWN_FLAGS | {"seed"}  # --seed seeds the workload; greedy requests sample nothing
     add_engine_args(bs, skip=bench_skip, config_cls=RuntimeConfig)
     bs.set_defaults(func=lambda args: goodput.run(args, engine_kwargs(args, RuntimeConfig, bench_skip)))
+    from splitnode.plan import command as plan
+
+    pl = sub.add_parser("plan", help="profile the devices, simulate a workload, recommend their roles",
+                        description=plan.DESCRIPTION, epilog=plan.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_arguments(pl)
+    add_engine_args(pl, skip=bench_skip, config_cls=RuntimeConfig)  # --seed seeds the workload here too
+    pl.set_defaults(func=lambda args: plan.run(args, engine_kwargs(args, RuntimeConfig, bench_skip)))
 
     from splitnode.api import commands as api
 
