@@ -1,7 +1,8 @@
 """Check splitnode's Triton kernels on a CUDA GPU: correctness against the torch references at
 Llama-3-8B-like sizes, then decode-attention and KV pack/unpack bandwidth against a plain
-device-to-device copy, and the fused layer kernels (add+RMSNorm, rotary, SiLU-and-mul) against the
-unfused torch ops they replace.
+device-to-device copy, the fused layer kernels (add+RMSNorm, q/k norm and rotary, SiLU-and-mul)
+against the unfused torch ops they replace, and the one-launch paged prefill attention (K3) against
+the loop of one SDPA per sequence it replaced.
 
     PYTHONPATH=. python examples/gpu_check.py
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from kernels import fused  # noqa: E402
 from kernels.kv_pack import kv_pack_ref, kv_pack_triton, kv_unpack_ref, kv_unpack_triton  # noqa: E402
 from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton  # noqa: E402
+from kernels.prefill_attention import paged_prefill_attention_ref, paged_prefill_attention_triton  # noqa: E402
 from kernels.store_kv import store_kv_ref, store_kv_triton  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B
@@ -68,9 +70,14 @@ def check_attention(dev: str, gen: torch.Generator) -> None:
         ("bf16 B=3 ctx 3000..4096 (split context)", torch.bfloat16, 3, 3000, 4096, None),
         ("fp16 B=17 ctx 1..2049", torch.float16, 17, 1, 2049, None),
         ("fp32 B=9 ctx 1..1000", torch.float32, 9, 1, 1000, None),
+        ("bf16 B=8 ctx 1..4096, table 128K wide (graphs, K1)", torch.bfloat16, 8, 1, 4096, "wide"),
     ]
     for name, dtype, batch, low, high, splits in cases:
         k, v, tables, lens = make_pool(random_lens(batch, low, high, gen), dtype, dev)
+        if splits == "wide":  # as under CUDA graphs: max_model_len wide, the splits sized from each context
+            wide = torch.full((batch, 131072 // BLOCK_SIZE), -1, dtype=torch.int32, device=dev)
+            wide[:, :tables.shape[1]] = tables
+            tables, splits = wide, None
         q = torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype)
         scale = HEAD_DIM**-0.5
         out = paged_decode_attention_triton(q, k, v, tables, lens, scale, num_splits=splits)
@@ -142,9 +149,82 @@ def check_fused(dev: str) -> None:
         fused.rotary_qk_triton(views[0], kviews[0], cos, sin)
         fused.rotary_qk_ref(views[1], kviews[1], cos, sin)
         report(f"{str(dtype)[6:]} rotary q+k T={tokens}", rel_err(qkv, ref_qkv), TOL[dtype])
+        norms = [(1 + 0.1 * torch.randn(HEAD_DIM, device=dev)).to(dtype) for _ in range(2)]
+        fused.rotary_qk_triton(views[0], kviews[0], cos, sin, *norms, 1e-6)
+        fused.rotary_qk_ref(views[1], kviews[1], cos, sin, *norms, 1e-6)
+        report(f"{str(dtype)[6:]} q/k norm + rotary (Qwen3) T={tokens}", rel_err(qkv, ref_qkv), TOL[dtype])
         gu = torch.randn(tokens, 2 * inter, device=dev, dtype=dtype)
         report(f"{str(dtype)[6:]} silu_and_mul T={tokens}", rel_err(fused.silu_and_mul_triton(gu), fused.silu_and_mul_ref(gu)),
                TOL[dtype])
+
+
+def prefill_case(chunks: list[tuple[int, int]], dtype: torch.dtype, dev: str):
+    """Chunks (q_len, ctx_len) of one flat batch, their contexts at shuffled slots of one pool:
+    q, the caches, the kernel's slots and meta, and the longest chunk."""
+    total = sum(c for _, c in chunks)
+    num_blocks = -(-total // BLOCK_SIZE) + 8
+    perm = torch.randperm(num_blocks * BLOCK_SIZE, device=dev)
+    k = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    meta, row, start = [], 0, 0
+    for q_len, ctx_len in chunks:
+        meta.append((row, q_len, start, ctx_len))
+        row, start = row + q_len, start + ctx_len
+    q = torch.randn(row, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    slots = perm[:total].contiguous()
+    return q, k, v, slots, torch.tensor(meta, dtype=torch.int32, device=dev), max(q for q, _ in chunks)
+
+
+PREFILL_CASES = [("16 prompts x 128", [(128, 128)] * 16), ("4 prompts x 512", [(512, 512)] * 4),
+                 ("1 prompt x 2048", [(2048, 2048)]), ("8 chunks of 256 after 1792", [(256, 2048)] * 8),
+                 ("mixed 17..1500", [(17, 17), (300, 300), (1500, 1500), (64, 900), (1, 1)])]
+
+
+def check_prefill(dev: str) -> None:
+    print("paged_prefill_attention_triton vs reference (one launch per batch of chunks)")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for name, chunks in PREFILL_CASES[3:]:
+            q, k, v, slots, meta, max_q = prefill_case(chunks, dtype, dev)
+            out, ref = torch.empty_like(q), torch.empty_like(q)
+            paged_prefill_attention_triton(q, k, v, slots, meta, max_q, HEAD_DIM**-0.5, out)
+            paged_prefill_attention_ref(q, k, v, slots, meta, HEAD_DIM**-0.5, ref)
+            report(f"{str(dtype)[6:]} {name}", (out.float() - ref.float()).abs().max().item(), TOL[dtype])
+
+
+def sdpa_loop(q, k, v, slots, meta, scale):
+    """The prefill attention this kernel replaced (attention.py before K3): per sequence, its
+    context gathered, K/V repeated over the GQA group, one SDPA (causal, or a boolean mask for a
+    later chunk)."""
+    import torch.nn.functional as F
+
+    out = torch.empty_like(q)
+    kf, vf = k.flatten(0, 1), v.flatten(0, 1)
+    for q_start, q_len, k_start, ctx_len in meta.tolist():
+        s = slots[k_start:k_start + ctx_len]
+        ks = kf.index_select(0, s).repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1)
+        vs = vf.index_select(0, s).repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1)
+        qs = q[q_start:q_start + q_len].transpose(0, 1)
+        if q_len == ctx_len:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:
+            mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx_len - q_len)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[q_start:q_start + q_len] = o.transpose(0, 1)
+    return out
+
+
+def bench_prefill(dev: str) -> None:
+    print("prefill attention, bf16, 32 q / 8 kv heads x 128: one paged launch vs the SDPA loop it replaced")
+    for name, chunks in PREFILL_CASES:
+        q, k, v, slots, meta, max_q = prefill_case(chunks, torch.bfloat16, dev)
+        out, scale = torch.empty_like(q), HEAD_DIM**-0.5
+        paged_prefill_attention_triton(q, k, v, slots, meta, max_q, scale, out)
+        err = (sdpa_loop(q, k, v, slots, meta, scale).float() - out.float()).abs().max().item()
+        a = bench_ms(lambda: paged_prefill_attention_triton(q, k, v, slots, meta, max_q, scale, out))
+        b = bench_ms(lambda: sdpa_loop(q, k, v, slots, meta, scale))
+        flops = sum(4 * ql * (cl - ql / 2) * HEADS * HEAD_DIM for ql, cl in chunks)
+        print(f"  {name:<28} one launch {a * 1e3:8.1f} us ({flops / a / 1e9:5.0f} TFLOP/s)   loop {b * 1e3:8.1f} us"
+              f"   ({b / a:4.1f}x)   max |diff| {err:.1e}")
 
 
 def bench_fused(dev: str) -> None:
@@ -225,12 +305,14 @@ def main() -> int:
     check_store(dev)
     check_pack(dev)
     check_fused(dev)
+    check_prefill(dev)
     torch.cuda.empty_cache()
     copy_gbs = copy_rate(dev)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     bench_attention(dev, gen, copy_gbs)
     bench_pack(dev, copy_gbs)
     bench_fused(dev)
+    bench_prefill(dev)
     if failures:
         print(f"FAILED: {', '.join(failures)}")
         return 1

@@ -1,9 +1,10 @@
 """Fused elementwise kernels of a decoder layer: RMSNorm (with the residual add before it),
-rotary embedding of q and k in one launch, SiLU-and-mul. Unfused, they are about 30 of the ~38
-kernels per layer of a decode step (RMSNorm alone is 8 twice), each ~2 us of GPU time even under a
-CUDA graph: the bound on small-model decode (G1). Each has the torch reference beside it, written
-as the model computes it (RMSNorm in float32, the rest in the model's dtype); the kernels compute
-in float32 and round once, so they match it to the rounding of the dtype."""
+rotary embedding of q and k in one launch (with Qwen3's per-head q/k RMSNorm before it), SiLU-and-mul.
+Unfused, they are about 30 of the ~38 kernels per layer of a decode step (RMSNorm alone is 8 twice),
+each ~2 us of GPU time even under a CUDA graph: the bound on small-model decode (G1). Each has the
+torch reference beside it, written as the model computes it (RMSNorm in float32, the rest in the
+model's dtype); the kernels compute in float32 and round once, so they match it to the rounding of
+the dtype. splitnode/model/llama.py takes them on CUDA and the references on the CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ try:  # optional: the CPU path needs only torch
     import triton.language as tl
 except ImportError:
     triton = None
+
+HAVE_TRITON = triton is not None
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,11 +33,21 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     return rms_norm_ref(s, weight, eps), s
 
 
-def rotary_qk_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """q [T, H, D], k [T, Hkv, D] rotated in place (rotate-half); cos/sin [T, D] in their dtype."""
-    for x in (q, k):
-        x1, x2 = x.chunk(2, dim=-1)
-        x.copy_(x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None])
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
+               eps: float = 0.0) -> torch.Tensor:
+    """x [T, heads, D] rotated (rotate-half) into a new tensor; cos/sin [T, D] in x's dtype. With
+    weight [D], each head is RMSNormed first (Qwen3's q_norm and k_norm)."""
+    if weight is not None:
+        x = rms_norm_ref(x, weight, eps)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+def rotary_qk_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 0.0) -> None:
+    """rotary_ref of q [T, H, D] and of k [T, Hkv, D], written back in place (as the kernel does)."""
+    q.copy_(rotary_ref(q, cos, sin, q_weight, eps))
+    k.copy_(rotary_ref(k, cos, sin, k_weight, eps))
 
 
 def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -64,24 +77,36 @@ if triton is not None:
         tl.store(out_ptr + row * n + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_row, q_head, k_row, k_head, cs_row,
-                       NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr):
-        """Program (t, h): head h of token t, a q head for h < NUM_Q_HEADS, else a k head."""
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_row, q_head, k_row, k_head, cs_row, eps,
+                       NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, NORM: tl.constexpr):
+        """Program (t, h): head h of token t, a q head for h < NUM_Q_HEADS, else a k head. With
+        NORM the head is RMSNormed first, rounded where the reference rounds (after the norm, after
+        the weight), so that the rotary sees the values the unfused ops hand it."""
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         if h < NUM_Q_HEADS:
             base = q_ptr + t * q_row + h * q_head
+            w_ptr = qw_ptr
         else:
             base = k_ptr + t * k_row + (h - NUM_Q_HEADS) * k_head
-        offs = tl.arange(0, HALF)
-        x1 = tl.load(base + offs).to(tl.float32)
-        x2 = tl.load(base + HALF + offs).to(tl.float32)
-        c1 = tl.load(cos_ptr + t * cs_row + offs).to(tl.float32)
-        c2 = tl.load(cos_ptr + t * cs_row + HALF + offs).to(tl.float32)
-        s1 = tl.load(sin_ptr + t * cs_row + offs).to(tl.float32)
-        s2 = tl.load(sin_ptr + t * cs_row + HALF + offs).to(tl.float32)
-        tl.store(base + offs, (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty))
-        tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty))
+            w_ptr = kw_ptr
+        offs = tl.arange(0, HALF_PAD)
+        mask = offs < HALF
+        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            dt = q_ptr.dtype.element_ty
+            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            x1 = (w1 * (x1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            x2 = (w2 * (x2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        c1 = tl.load(cos_ptr + t * cs_row + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + t * cs_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + t * cs_row + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + t * cs_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + offs, (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(gu_ptr, out_ptr, gu_stride, n, BLOCK: tl.constexpr):
@@ -131,19 +156,27 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     return out, residual_out
 
 
-def rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Same contract as rotary_qk_ref, one launch for both. q/k rows may be strided (views of the
-    fused QKV output); each head's D values must be contiguous, D a power of two."""
+def rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 0.0) -> None:
+    """Same contract as rotary_qk_ref, one launch for both (and for their norms). q/k rows may be
+    strided (views of the fused QKV output); each head's D values must be contiguous."""
     t, h, d = q.shape
     assert k.dim() == 3 and k.shape[0] == t and k.shape[2] == d and k.dtype == q.dtype, (q.shape, k.shape)
-    assert d % 2 == 0 and d & (d - 1) == 0, f"head_dim must be a power of two, got {d}"
+    assert d % 2 == 0, f"head_dim must be even, got {d}"
     for x in (q, k):
         assert x.stride(2) == 1 and x.stride(1) >= d, f"each head's D values must be contiguous, strides {x.stride()}"
     assert cos.shape == sin.shape == (t, d) and cos.stride() == sin.stride() and cos.stride(1) == 1
     assert cos.dtype == sin.dtype == q.dtype and len({x.device for x in (q, k, cos, sin)}) == 1
+    norm = q_weight is not None
+    assert norm == (k_weight is not None), "q and k are normed together or not at all"
+    if norm:
+        for w in (q_weight, k_weight):
+            assert w.shape == (d,) and w.is_contiguous() and w.dtype == q.dtype, (w.shape, w.dtype)
     if t:
-        _rotary_kernel[(t, h + k.shape[1])](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                            cos.stride(0), NUM_Q_HEADS=h, HALF=d // 2)
+        half = d // 2
+        _rotary_kernel[(t, h + k.shape[1])](q, k, cos, sin, q_weight if norm else q, k_weight if norm else k,
+                                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), eps,
+                                            NUM_Q_HEADS=h, HALF=half, HALF_PAD=triton.next_power_of_2(half), NORM=norm)
 
 
 def silu_and_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,24 +191,3 @@ def silu_and_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) 
         block = min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block)
     return out
-
-
-def rms_norm(x, weight, eps):
-    return rms_norm_triton(x, weight, eps) if triton is not None and x.is_cuda else rms_norm_ref(x, weight, eps)
-
-
-def add_rms_norm(x, residual, weight, eps):
-    if triton is not None and x.is_cuda:
-        return add_rms_norm_triton(x, residual, weight, eps)
-    return add_rms_norm_ref(x, residual, weight, eps)
-
-
-def rotary_qk(q, k, cos, sin) -> None:
-    if triton is not None and q.is_cuda:
-        rotary_qk_triton(q, k, cos, sin)
-    else:
-        rotary_qk_ref(q, k, cos, sin)
-
-
-def silu_and_mul(gate_up):
-    return silu_and_mul_triton(gate_up) if triton is not None and gate_up.is_cuda else silu_and_mul_ref(gate_up)

@@ -48,20 +48,27 @@ if triton is not None:
     def _paged_decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
         out_ptr, m_ptr, l_ptr,
-        q_stride_b, q_stride_h, bt_stride_b, max_blocks, scale_log2, part_len, num_splits,
+        q_stride_b, q_stride_h, out_stride_b, bt_stride_b, max_blocks, scale_log2, num_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, MIN_TILES: tl.constexpr, SPLIT: tl.constexpr,
+        F32_DOT: tl.constexpr,
     ):
         """Program (b, kv head, split) attends the whole GQA group of query heads over tokens
         [split * part_len, (split + 1) * part_len) of sequence b, so each K/V row is read once.
 
-        Without SPLIT (one split) it writes the normalised output [B, H, D]; with SPLIT it writes
-        float32 partials (running max m and sum l in log2 units, unnormalised acc [B, H, S, D])
-        that _paged_decode_reduce_kernel merges."""
+        part_len comes from the sequence's own context, read here, not from the table's width:
+        under CUDA graphs the table is max_model_len wide (128K positions for Llama-3.1), and a
+        part_len sized from it left a 4K context in split 0 with the other programs idle (K1).
+        Each sequence's context is spread over the splits in whole tiles, at least MIN_TILES each.
+
+        Without SPLIT (one split) it writes the normalised output [B, H, D] (rows out_stride_b
+        apart); with SPLIT it writes float32 partials (running max m and sum l in log2 units,
+        unnormalised acc [B, H, S, D]) that _paged_decode_reduce_kernel merges."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         ctx_len = tl.load(context_lens_ptr + b)
+        part_len = tl.maximum(tl.cdiv(tl.cdiv(ctx_len, num_splits), TILE), MIN_TILES) * TILE
         start = split * part_len
         end = tl.minimum(start + part_len, ctx_len)
 
@@ -106,7 +113,8 @@ if triton is not None:
         row = b.to(tl.int64) * (HKV * GROUP) + heads  # [GROUP_PAD] flat (b, h)
         if not SPLIT:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_ptr + row[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            dst = out_ptr + b.to(tl.int64) * out_stride_b + heads[:, None] * D + d[None, :]
+            tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         else:
             part = row * num_splits + split
             tl.store(m_ptr + part, m_i, mask=g_mask)
@@ -115,8 +123,8 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_reduce_kernel(
-        acc_ptr, m_ptr, l_ptr, out_ptr, num_splits,
-        D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        acc_ptr, m_ptr, l_ptr, out_ptr, num_splits, out_stride_b,
+        H: tl.constexpr, D: tl.constexpr, SPLITS_PAD: tl.constexpr,
     ):
         """Program per flat (b, h) row: merges its num_splits partial softmaxes."""
         row = tl.program_id(0).to(tl.int64)
@@ -132,7 +140,7 @@ if triton is not None:
         num = tl.sum(acc * w[:, None], 0)
         den = tl.sum(l * w, 0)
         out = num / tl.where(den > 0, den, 1.0)
-        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + (row // H) * out_stride_b + (row % H) * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 _LOG2E = 1.4426950408889634
@@ -163,13 +171,37 @@ def _auto_num_splits(q: torch.Tensor, num_programs: int, max_len: int) -> int:
 
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+    context_lens: torch.Tensor, scale: float, num_splits: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as paged_decode_attention_ref. q's rows may be strided (a view of a fused QKV
-    output) but each head's D values must be contiguous. Contexts of length 0 give zeros.
+    output) but each head's D values must be contiguous. Contexts of length 0 give zeros. `out`
+    ([B, H, D], rows may be strided, each row's H * D contiguous) takes the result in place of a
+    new tensor: the attention writes straight into the layer's output, no copy after.
 
     num_splits: how many programs share one sequence's context (None: chosen from the GPU's SM
-    count and the batch). The choice depends only on shapes, so it is stable under CUDA graphs."""
+    count, the batch and the table's width). The count depends only on shapes, so it is stable
+    under CUDA graphs; how the context is cut into them depends on each sequence's length, read
+    on the device."""
+    b, h, d = q.shape
+    if out is None:
+        out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    assert out.shape == (b, h, d) and out.dtype == q.dtype and out.device == q.device, (out.shape, out.dtype)
+    assert out.stride(2) == 1 and out.stride(1) == d, f"each row of out must be contiguous, strides {out.stride()}"
+    if b == 0:
+        return out
+    acc_m_l = _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
+    if acc_m_l is not None:
+        acc, m, l = acc_m_l
+        num_splits = m.shape[2]
+        _paged_decode_reduce_kernel[(b * h,)](
+            acc, m, l, out, num_splits, out.stride(0), H=h, D=d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    return out
+
+
+def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out):
+    """Checks and launches the split kernel. With one split it writes `out` and returns None; with
+    more, the float32 partials (acc [B, H, S, D], m and l [B, H, S]) for the reduce."""
     b, h, d = q.shape
     num_blocks, block_size, hkv, dk = k_cache.shape
     assert dk == d and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
@@ -185,9 +217,6 @@ def paged_decode_attention_triton(
     assert context_lens.shape == (b,) and context_lens.dtype == torch.int32 and context_lens.is_contiguous()
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
     assert len(devices) == 1, devices
-    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
-    if b == 0:
-        return out
 
     group = h // hkv
     max_blocks = block_tables.shape[1]
@@ -197,27 +226,25 @@ def paged_decode_attention_triton(
     if num_splits is None:
         num_splits = _auto_num_splits(q, b * hkv, max_len)
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, tile)))
-    part_len = triton.cdiv(triton.cdiv(max_len, num_splits), tile) * tile
     meta = dict(
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HKV=hkv, D=d,
-        BLOCK_SIZE=block_size, TILE=tile, SPLIT=num_splits > 1, F32_DOT=_needs_f32_dot(q.dtype),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HKV=hkv, D=d, BLOCK_SIZE=block_size,
+        TILE=tile, MIN_TILES=triton.cdiv(_MIN_SPLIT_LEN, tile), SPLIT=num_splits > 1, F32_DOT=_needs_f32_dot(q.dtype),
     )
-    args = (q.stride(0), q.stride(1), block_tables.stride(0), max_blocks, scale * _LOG2E, part_len, num_splits)
     grid = (b, hkv, num_splits)
     if num_splits == 1:
+        args = (q.stride(0), q.stride(1), out.stride(0), block_tables.stride(0), max_blocks, scale * _LOG2E, 1)
         _paged_decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, out, out, *args, **meta)
-        return out
+        return None
     acc = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
     m = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
+    args = (q.stride(0), q.stride(1), 0, block_tables.stride(0), max_blocks, scale * _LOG2E, num_splits)
     _paged_decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, acc, m, l, *args, **meta)
-    _paged_decode_reduce_kernel[(b * h,)](
-        acc, m, l, out, num_splits, D=d, SPLITS_PAD=triton.next_power_of_2(num_splits),
-    )
-    return out
+    return acc, m, l
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None):
     if triton is not None and q.is_cuda:
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return ref if out is None else out.copy_(ref)

@@ -3,6 +3,10 @@
 The batch is flat: every sequence's new tokens are concatenated, decodes first (one token each),
 then prefill chunks. Metadata travels in an explicit `AttentionContext` handed down the forward
 call, never through a module-level global.
+
+On CUDA the decodes go through the paged decode kernel, writing into the layer's output, and every
+prefill chunk through one paged prefill launch. The CPU keeps the torch paths (the kernels'
+references), which are faster there than the kernels could be.
 """
 
 from __future__ import annotations
@@ -13,9 +17,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from splitnode.kernels.paged_attention import paged_decode_attention
-from splitnode.kernels.store_kv import store_kv
+from splitnode.kernels.fused import HAVE_TRITON
+from splitnode.kernels.paged_attention import paged_decode_attention, paged_decode_attention_triton
+from splitnode.kernels.prefill_attention import paged_prefill_attention_triton
+from splitnode.kernels.store_kv import store_kv, store_kv_triton
 from splitnode.model.decode_mirror import DecodeMirror
+
+# Which path the layers take. None: per tensor, the Triton kernels on CUDA and the torch ops (their
+# references) elsewhere. True: the kernels on any device (tests run them on CPU tensors under
+# TRITON_INTERPRET=1 against the torch path); False: the torch ops everywhere.
+USE_TRITON: bool | None = None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the layer computing on `x` takes the Triton kernels (see USE_TRITON)."""
+    return (HAVE_TRITON and x.is_cuda) if USE_TRITON is None else USE_TRITON
 
 
 @dataclass
@@ -46,6 +62,9 @@ class AttentionContext:
     # CPU: the decodes' K/V kept contiguous across steps (see decode_mirror.py), prepared for this
     # batch; None: the paged kernel reads the cache.
     decode_mirror: DecodeMirror | None = None
+    # The prefill kernel's metadata (kv slots, per-chunk rows, longest chunk), made by the first
+    # layer's attention and read by every later one: once per forward, not once per layer.
+    prefill_meta: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
 
 def attention(
@@ -55,7 +74,8 @@ def attention(
 
     Stores k/v into the layer's cache first, then attends over the cache."""
     k_cache, v_cache = ctx.kv_caches[layer]
-    store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    kernels = use_triton(q)
+    (store_kv_triton if kernels else store_kv)(k, v, k_cache, v_cache, ctx.slot_mapping)
     if ctx.layer_hook is not None:
         ctx.layer_hook(layer)
     num_tokens, num_heads, head_dim = q.shape
@@ -65,19 +85,46 @@ def attention(
     out = q.new_empty(num_tokens, num_heads, head_dim)
     if nd and ctx.decode_mirror is not None:
         out[:nd] = ctx.decode_mirror.attend(layer, q[:nd], k[:nd], v[:nd], scale)
+    elif nd and kernels:  # straight into the output: no copy after (G1)
+        paged_decode_attention_triton(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, out=out[:nd])
     elif nd:
-        out[:nd] = paged_decode_attention(
-            q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale
-        )
-    for chunk in ctx.prefills:
-        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        if chunk.slots is None:  # the whole context is in this batch: use it as computed
-            ks, vs = k[rows], v[rows]
-        else:
-            ks = k_cache.flatten(0, 1).index_select(0, chunk.slots)
-            vs = v_cache.flatten(0, 1).index_select(0, chunk.slots)
-        out[rows] = _causal_attention(q[rows], ks, vs, scale)
+        paged_decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, out=out[:nd])
+    if ctx.prefills and kernels:
+        kv_slots, meta, max_q_len = _prefill_meta(ctx)
+        paged_prefill_attention_triton(q, k_cache, v_cache, kv_slots, meta, max_q_len, scale, out)
+    elif ctx.prefills:
+        for chunk in ctx.prefills:
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            if chunk.slots is None:  # the whole context is in this batch: use it as computed
+                ks, vs = k[rows], v[rows]
+            else:
+                ks = k_cache.flatten(0, 1).index_select(0, chunk.slots)
+                vs = v_cache.flatten(0, 1).index_select(0, chunk.slots)
+            out[rows] = _causal_attention(q[rows], ks, vs, scale)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _prefill_meta(ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The cache slots of every context position of every chunk, end to end, and per chunk
+    (q_start, q_len, k_start, ctx_len) as int32 [S, 4]. A chunk holding its whole context reads
+    its slots from slot_mapping; when every chunk does (a plain prefill batch) they are the tail of
+    slot_mapping itself, with no copy."""
+    if ctx.prefill_meta is None:
+        chunks, sm = ctx.prefills, ctx.slot_mapping
+        starts, n = [], 0
+        for c in chunks:
+            starts.append(n)
+            n += c.ctx_len
+        first = chunks[0].q_start
+        if all(c.slots is None and c.q_start == first + s for c, s in zip(chunks, starts)):
+            kv_slots = sm[first:first + n]
+        else:
+            kv_slots = torch.cat([sm[c.q_start:c.q_start + c.q_len] if c.slots is None else c.slots for c in chunks])
+        meta = torch.tensor([(c.q_start, c.q_len, s, c.ctx_len) for c, s in zip(chunks, starts)], dtype=torch.int32)
+        if sm.is_cuda:  # pinned: a pageable copy would wait for the stream; made on the stream that reads it
+            meta = meta.pin_memory().to(sm.device, non_blocking=True)
+        ctx.prefill_meta = (kv_slots.contiguous(), meta, max(c.q_len for c in chunks))
+    return ctx.prefill_meta
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

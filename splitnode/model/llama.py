@@ -3,6 +3,12 @@
 Parameter names follow the Hugging Face checkpoint, except that q/k/v and gate/up are fused into
 `qkv_proj` and `gate_up_proj` (one matmul each); the loader fills the fused weights. Numerics follow
 transformers: RMSNorm in float32, rotary frequencies and cos/sin in float32 cast to the model dtype.
+
+The layers carry the residual stream beside the hidden states, as vLLM's do, so that each
+sublayer's residual add is fused with the norm after it. On CUDA the elementwise work goes through
+kernels/fused.py (add+RMSNorm, q/k norm and rotary in one launch, SiLU-and-mul): about 10 kernels
+per decode layer instead of ~38 tiny ones, which bound small-model decode even under CUDA graphs
+(G1). Elsewhere the same calls take the torch references, the ops this module always ran.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitnode.model.attention import AttentionContext, attention
+from splitnode.kernels import fused
+from splitnode.model.attention import AttentionContext, attention, use_triton
 from splitnode.model.config import ModelConfig
 
 
@@ -23,11 +30,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x); with `residual`, (rms_norm(residual + x), residual + x): the add of the
+        sublayer before, in the same kernel."""
+        if residual is None:
+            return (fused.rms_norm_triton if use_triton(x) else fused.rms_norm_ref)(x, self.weight, self.eps)
+        return (fused.add_rms_norm_triton if use_triton(x) else fused.add_rms_norm_ref)(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -70,13 +78,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -100,9 +101,12 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qw, kw, eps = (None, None, 0.0) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight,
+                                                                     self.q_norm.eps)
+        if use_triton(x):  # in place on the qkv output, whose strided views the later kernels read as they are
+            fused.rotary_qk_triton(q, k, cos, sin, qw, kw, eps)
+        else:
+            q, k = fused.rotary_ref(q, cos, sin, qw, eps), fused.rotary_ref(k, cos, sin, kw, eps)
         return self.o_proj(attention(q, k, v, ctx, self.layer_idx, self.scale))
 
 
@@ -113,8 +117,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj((fused.silu_and_mul_triton if use_triton(x) else fused.silu_and_mul_ref)(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -125,9 +129,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP's output, the residual stream before it is added): the next layer's norm (or
+        the final one) adds them, fused. The first layer gets residual None: x is the embedding."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -141,9 +152,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -87,11 +87,13 @@ class Handoff:
 
 
 class _LayerJob(NamedTuple):
-    seq: Sequence
-    handoff: Handoff
-    src_ids: torch.Tensor
+    """The chunks of one batch whose KV goes layer by layer to one destination: sent together, one
+    pack, copy and unpack per layer over all their blocks (L1)."""
+
+    dest: Engine
+    seqs: list[tuple[Sequence, Handoff, int]]  # with the computed tokens once this batch is done
+    src_ids: torch.Tensor  # every chunk's blocks, end to end, on both sides
     dst_ids: torch.Tensor
-    upto: int  # computed tokens once this batch is done
 
 
 class Worker:
@@ -467,34 +469,35 @@ class Worker:
         self.listener.on_handoff(dest, Arrive(seq, event, failed))
 
     def _layer_hook(self, batch: Batch) -> Callable[[int], None] | None:
-        """Layer-wise transfer: for each long prompt in the batch that decodes elsewhere, send
-        layer l's blocks as soon as layer l is written, while layer l+1 computes. Short prompts
-        move in one piece after their prefill (see `_hand_off`)."""
+        """Layer-wise transfer: for the long prompts in the batch that decode elsewhere, send layer
+        l's blocks as soon as layer l is written, while layer l+1 computes, in one send per
+        destination. Short prompts move in one piece after their prefill (see `_hand_off`)."""
         jobs = self._layer_jobs(batch)
         if not jobs:
             return None
         eng, last = self.engine, self.engine.model_config.num_hidden_layers - 1
-        failed: set[int] = set()
+        failed: set[int] = set()  # jobs (by index) whose send raised: their hand-offs send every layer again
 
         def hook(layer: int) -> None:
-            for job in jobs:
-                if job.seq.seq_id in failed:
+            for i, job in enumerate(jobs):
+                if i in failed:
                     continue
                 try:
-                    sent = self.mover.send(eng, job.handoff.dest.engine, job.src_ids, job.dst_ids,
-                                           range(layer, layer + 1))
+                    sent = self.mover.send(eng, job.dest, job.src_ids, job.dst_ids, range(layer, layer + 1))
                 except Exception:  # the hand-off sends every layer again (or the token worker recomputes)
-                    log.exception("layer-wise KV transfer of request %d failed", job.seq.seq_id)
-                    failed.add(job.seq.seq_id)
+                    log.exception("layer-wise KV transfer of requests %s failed", [s.seq_id for s, _, _ in job.seqs])
+                    failed.add(i)
                     continue
                 if layer == last:  # one pair stream, in order: its events cover the earlier layers too
-                    job.handoff.mark_sent(job.seq, job.upto, sent)
+                    for seq, h, upto in job.seqs:
+                        h.mark_sent(seq, upto, sent)
 
         return hook
 
     def _layer_jobs(self, batch: Batch) -> list[_LayerJob]:
-        """The chunks of this batch whose KV goes to their token worker layer by layer."""
-        pool, jobs = self.engine.pool, []
+        """The chunks of this batch whose KV goes to their token worker layer by layer, one job
+        per destination."""
+        pool, by_dest = self.engine.pool, {}
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             h = seq.handoff
             if h is None or seq.is_decode or seq.num_prompt_tokens < self.policy.layerwise_min_tokens:
@@ -504,10 +507,13 @@ class Worker:
             if h.blocks is None or len(h.blocks) < len(seq.block_table) or h.num_sent_for(seq) != seq.num_computed:
                 continue  # the hand-off sends it all (an earlier chunk did not go layer by layer)
             lo, hi = seq.num_computed // pool.block_size, pool.blocks_for(seq.num_computed + n)
-            # made once per batch, each on the stream that reads it (see KVMover.block_ids)
-            src_ids, dst_ids = self.mover.block_ids(self.engine, h.dest.engine, seq.block_table[lo:hi], h.blocks[lo:hi])
-            jobs.append(_LayerJob(seq, h, src_ids, dst_ids, seq.num_computed + n))
-        return jobs
+            seqs, src, dst = by_dest.setdefault(h.dest.engine, ([], [], []))
+            seqs.append((seq, h, seq.num_computed + n))
+            src += seq.block_table[lo:hi]
+            dst += h.blocks[lo:hi]
+        # ids made once per batch, each side's on the stream that reads it (see KVMover.block_ids)
+        return [_LayerJob(dest, seqs, *self.mover.block_ids(self.engine, dest, src, dst))
+                for dest, (seqs, src, dst) in by_dest.items()]
 
     # -- role changes ------------------------------------------------------------------------------
 

@@ -48,8 +48,9 @@ def test_rms_norm_and_add_rms_norm_match_the_reference_on_strided_rows(dtype, ro
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (3, 1, 16), (8, 8, 64)])
-def test_rotary_of_q_and_k_in_one_launch_matches_the_reference_in_place(dtype, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (3, 1, 16), (8, 8, 64), (5, 1, 48)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_of_q_and_k_in_one_launch_matches_the_reference_in_place(dtype, heads, kv_heads, head_dim, qk_norm):
     tokens = 5
     qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=3)
     q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
@@ -61,9 +62,12 @@ def test_rotary_of_q_and_k_in_one_launch_matches_the_reference_in_place(dtype, h
     ref = qkv.clone()
     q_ref = ref[:, :heads * head_dim].view(tokens, heads, head_dim)
     k_ref = ref[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
-    fused.rotary_qk_ref(q_ref, k_ref, cos, sin)
+    norms = (None, None, 0.0)
+    if qk_norm:  # Qwen3's per-head q_norm and k_norm, in the same launch
+        norms = tuple((1 + _randn(head_dim, dtype=torch.float32, seed=s) * 0.2).to(dtype) for s in (7, 8)) + (1e-6,)
+    fused.rotary_qk_ref(q_ref, k_ref, cos, sin, *norms)
     v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
-    fused.rotary_qk_triton(q, k, cos, sin)
+    fused.rotary_qk_triton(q, k, cos, sin, *norms)
     _close(q, q_ref, dtype)
     _close(k, k_ref, dtype)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
@@ -76,10 +80,3 @@ def test_silu_and_mul_matches_the_reference(dtype, rows, inter):
     out = torch.full((rows, inter), float("nan"), dtype=dtype)
     fused.silu_and_mul_triton(gate_up, out=out)
     _close(out, fused.silu_and_mul_ref(gate_up), dtype)
-
-
-def test_the_dispatchers_take_the_reference_on_the_cpu():
-    x = _randn(3, 40, dtype=torch.float32, seed=5)
-    w = torch.ones(40)
-    assert torch.equal(fused.rms_norm(x, w, 1e-6), fused.rms_norm_ref(x, w, 1e-6))
-    assert torch.equal(fused.silu_and_mul(x), fused.silu_and_mul_ref(x))

@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from splitnode.kernels import kv_pack, paged_attention, store_kv  # noqa: E402
+from splitnode.kernels import kv_pack, paged_attention, prefill_attention, store_kv  # noqa: E402
 
 if not isinstance(store_kv._store_kv_kernel, InterpretedFunction):
     # triton decides at import and @jit time; a module collected earlier imported it first.
@@ -163,6 +163,29 @@ def test_paged_decode_triton_reads_strided_q_and_gives_zeros_for_an_empty_contex
     torch.testing.assert_close(empty[[0, 2]], ref[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
+def test_paged_decode_splits_each_context_by_its_own_length_not_the_table_width():
+    """K1: under CUDA graphs the table is max_model_len wide (here 128K positions). Each context is
+    cut over the splits by its own length (whole tiles, at least _MIN_SPLIT_LEN each): a
+    1,000-token context keeps 4 of 8 splits busy, a 3,000-token one all 8. Sized from the width
+    (16K positions a split) both sat in split 0 with the rest idle. The result still matches the
+    reference, written into a given `out` with strided rows."""
+    g = _gen(10)
+    q, k, v, k_bad, v_bad, tables, lens = _paged_case(g, 2, 4, 2, 32, 16, [1000, 3000], torch.float32)
+    wide = torch.full((2, 131072 // 16), -1, dtype=torch.int32)
+    wide[:, :tables.shape[1]] = tables
+    _, _, sums = paged_attention._decode_launch(q, k_bad, v_bad, wide, lens, 0.3, 8, None)  # acc, max, sum
+    assert (sums > 0).sum(-1).tolist() == [[4] * 4, [8] * 4]  # busy splits per (sequence, head)
+    buf = torch.full((2, 3, 4, 32), float("nan"))
+    out = buf[:, 1]
+    paged_attention.paged_decode_attention_triton(q, k_bad, v_bad, wide, lens, 0.3, num_splits=8, out=out)
+    torch.testing.assert_close(out, paged_attention.paged_decode_attention_ref(q, k, v, tables, lens, 0.3),
+                               rtol=1e-5, atol=1e-5)
+    assert buf[:, [0, 2]].isnan().all()  # only out's rows written
+    one = torch.full_like(q, float("nan"))
+    paged_attention.paged_decode_attention_triton(q, k_bad, v_bad, wide, lens, 0.3, num_splits=1, out=one)
+    torch.testing.assert_close(one, out, rtol=1e-5, atol=1e-5)
+
+
 def test_paged_decode_reference_matches_dense_attention_per_sequence():
     """The oracle itself: each sequence's context gathered by hand, softmax in float64."""
     g = _gen(6)
@@ -175,6 +198,81 @@ def test_paged_decode_reference_matches_dense_attention_per_sequence():
         vs = v.view(-1, kv_heads, d)[slots].double().repeat_interleave(heads // kv_heads, dim=1)
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), ks) * 0.5, dim=-1)
         torch.testing.assert_close(out[i].double(), torch.einsum("hn,nhd->hd", p, vs), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- paged prefill attention
+
+
+def _prefill_case(g, chunks, num_heads, num_kv_heads, head_dim, block_size, dtype, lead_rows=2):
+    """Chunks (q_len, ctx_len) of a flat batch after `lead_rows` decode rows; every context's
+    positions at shuffled slots of one pool. Slots no context covers are NaN in the poisoned copy."""
+    num_slots = sum(c for _, c in chunks) + 3 * block_size
+    num_blocks = num_slots // block_size
+    perm = torch.randperm(num_blocks * block_size, generator=g)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k, v = _randn(*shape, dtype=dtype, g=g), _randn(*shape, dtype=dtype, g=g)
+    meta, slots, row, start = [], [], lead_rows, 0
+    for q_len, ctx_len in chunks:
+        meta.append((row, q_len, start, ctx_len))
+        slots.append(perm[start:start + ctx_len])
+        row, start = row + q_len, start + ctx_len
+    slots = torch.cat(slots)
+    live = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    live[slots] = True
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad.view(-1, num_kv_heads, head_dim)[~live] = float("nan")
+    v_bad.view(-1, num_kv_heads, head_dim)[~live] = float("nan")
+    q = _randn(row, num_heads, head_dim, dtype=dtype, g=g)
+    return q, k, v, k_bad, v_bad, slots, torch.tensor(meta, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (6, 2, 24), (8, 1, 64)])
+def test_paged_prefill_triton_matches_reference_over_whole_prompts_and_later_chunks(dtype, heads, kv_heads, head_dim):
+    """K3: one launch over chunks of every shape: a whole prompt longer than a tile, a later chunk
+    (ctx > q), a one-token chunk, a one-token prompt; GQA groups of 1, 3 and 8; a head_dim that
+    is not a power of two. Rows that are not prefill rows (the decodes before) stay untouched."""
+    g = _gen(11)
+    chunks = [(70, 70), (13, 50), (1, 29), (1, 1), (33, 33)]
+    q, k, v, k_bad, v_bad, slots, meta = _prefill_case(g, chunks, heads, kv_heads, head_dim, 8, dtype)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention.paged_prefill_attention_triton(q, k_bad, v_bad, slots, meta, 70, head_dim**-0.5, out)
+    ref = torch.full_like(q, float("nan"))
+    prefill_attention.paged_prefill_attention_ref(q, k, v, slots, meta, head_dim**-0.5, ref)
+    assert out[:2].isnan().all() and not out[2:].isnan().any()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out[2:].float(), ref[2:].float(), rtol=tol, atol=tol)
+
+
+def test_paged_prefill_triton_reads_strided_q_of_a_fused_qkv_buffer():
+    g = _gen(12)
+    heads, kv_heads, d = 4, 2, 32
+    _, k, v, _, _, slots, meta = _prefill_case(g, [(9, 9), (5, 20)], heads, kv_heads, d, 16, torch.float32, lead_rows=0)
+    qkv = _randn(14, (heads + 2 * kv_heads) * d, g=g)
+    q = qkv[:, :heads * d].view(14, heads, d)
+    out = torch.empty(14, heads, d)
+    prefill_attention.paged_prefill_attention_triton(q, k, v, slots, meta, 9, 0.2, out)
+    ref = torch.empty_like(out)
+    prefill_attention.paged_prefill_attention_ref(q.contiguous(), k, v, slots, meta, 0.2, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_prefill_reference_matches_dense_causal_attention():
+    """The oracle: each chunk's queries against its context by hand, float64, the mask lower-right."""
+    g = _gen(13)
+    heads, kv_heads, d = 6, 3, 16
+    q, k, v, _, _, slots, meta = _prefill_case(g, [(4, 11), (7, 7)], heads, kv_heads, d, 8, torch.float32)
+    out = torch.zeros_like(q)
+    prefill_attention.paged_prefill_attention_ref(q, k, v, slots, meta, 0.4, out)
+    for q_start, q_len, k_start, ctx_len in meta.tolist():
+        s = slots[k_start:k_start + ctx_len]
+        ks = k.view(-1, kv_heads, d)[s].double().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
+        vs = v.view(-1, kv_heads, d)[s].double().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_start + q_len].double(), ks) * 0.4
+        seen = torch.arange(ctx_len)[None, :] <= (ctx_len - q_len + torch.arange(q_len))[:, None]
+        p = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        torch.testing.assert_close(out[q_start:q_start + q_len].double(), torch.einsum("hqk,khd->qhd", p, vs),
+                                   rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- kv_pack / kv_unpack

@@ -20,7 +20,7 @@ from splitnode.runtime import transfer
 from splitnode.runtime.messages import Arrive
 from splitnode.runtime.router import Router
 from splitnode.runtime.transfer import PEER, SAME_DEVICE, THROUGH_HOST, KVMover
-from splitnode.runtime.worker import Worker
+from splitnode.runtime.worker import Handoff, Worker, WorkerPolicy
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 3, 16, 4, 2, 8
 
@@ -43,13 +43,15 @@ class FakeEngine:
 
 @pytest.fixture
 def rec(monkeypatch):
-    """The double, with the pack kernels' launches recorded too (on the stream current then)."""
+    """The double, with the pack kernels' launches and the cross-device copies recorded too (on
+    the stream current then)."""
     streams = RecordingStreams()
-    for name in ("kv_pack", "kv_pack_all", "kv_unpack", "kv_unpack_all"):
+    for name in ("kv_pack", "kv_pack_all", "kv_unpack", "kv_unpack_all", "peer_copy"):
         real = getattr(transfer, name)
 
         def launch(*args, _real=real, _name=name):
-            streams.calls.append((_name.removeprefix("kv_").removesuffix("_all"), streams.current))
+            streams.calls.append(({"peer_copy": "copy"}.get(_name, _name.removeprefix("kv_").removesuffix("_all")),
+                                  streams.current))
             return _real(*args)
 
         monkeypatch.setattr(transfer, name, launch)
@@ -142,6 +144,43 @@ def test_a_move_with_the_real_stream_api_on_the_cpu_is_synchronous_and_has_no_ev
     sent = mover.send(P, T, [1, 2, 3, 4, 5], [10, 11, 12, 13, 14], range(LAYERS))
     assert sent == (None, None) and mover.fence(P, T) is None
     assert moved_intact(P, T, [1, 2, 3, 4, 5], [10, 11, 12, 13, 14])
+
+
+def test_a_prefill_batch_sends_each_layer_once_per_destination_over_all_its_sequences(rec):
+    """L1: four long prompts prefilled in one batch, all decoding on one token worker: per layer
+    one wait for the compute, one pack, one copy and one unpack over the blocks of all four (not
+    four of each), the ids made once for the batch, and every block bytewise intact there."""
+    P = Engine(EngineConfig(num_kv_blocks=64), "prompt", "cpu")
+    T = Engine(EngineConfig(num_kv_blocks=64), "token", "cpu")
+    P.streams, P.compute_stream, P.transfer_stream = rec, "P.compute", "P.transfer"
+    T.compute_stream, T.transfer_stream = "T.compute", "T.transfer"
+    T.device = torch.device("cpu", 1)  # a label for another device: the move takes the copy between devices
+    mover = KVMover(streams=rec)
+    worker = Worker(0, "cpu:0", P, mover, _Listener(), lambda seq, w: (None, None), WorkerPolicy(layerwise_min_tokens=16))
+    dest = SimpleNamespace(engine=T)
+    seqs = []
+    for i, n in enumerate((40, 33, 50, 17)):
+        seq = Sequence(i, [(5 * i + j) % 250 + 3 for j in range(n)], SamplingParams(max_tokens=4, temperature=0.0))
+        seq.handoff = Handoff(dest, blocks=T.pool.allocate(T.pool.blocks_for(n + 4))[::-1])  # reserved there
+        P.add(seq)
+        seqs.append(seq)
+    assert worker._run_batch()
+    layers = P.model_config.num_hidden_layers
+    assert all(s.num_computed == s.num_prompt_tokens for s in seqs)  # one batch prefilled all four
+    pair = mover.pair_stream(P, T)
+    moves = [c for c in rec.calls if c[0] in ("wait_stream", "pack", "copy", "unpack")]
+    assert moves == [("wait_stream", "P.transfer", "P.compute"), ("pack", "P.transfer"), ("copy", pair),
+                     ("unpack", pair)] * layers
+    ids = rec.of("ids")
+    blocks = [P.pool.blocks_for(s.num_prompt_tokens) for s in seqs]
+    assert [c[1] for c in ids] == ["P.transfer", pair] and [len(c[2]) for c in ids] == [sum(blocks)] * 2
+    for seq, n in zip(seqs, blocks):
+        src, dst = seq.block_table[:n], seq.handoff.blocks[:n]
+        assert torch.equal(T.kv_cache[:, :, dst], P.kv_cache[:, :, src]) and P.kv_cache[:, :, src].abs().sum() > 0
+        assert seq.handoff.num_sent_for(seq) == seq.num_prompt_tokens  # its hand-off sends nothing more
+        assert seq.handoff.sent.written.stream == pair
+    written = {b for seq, n in zip(seqs, blocks) for b in seq.handoff.blocks[:n]}
+    assert not T.kv_cache[:, :, [b for b in range(64) if b not in written]].any()  # nothing else written
 
 
 # -- the router and the peer matrix (T1) -------------------------------------------------------
