@@ -22,6 +22,7 @@ from splitnode.engine.sampling import Logprob, SamplingParams, sample, top_logpr
 from splitnode.engine.sequence import Sequence
 from splitnode.engine.streams import STREAMS
 from splitnode.model.attention import LayerHook
+from splitnode.model.cpu_linear import pack_linears
 from splitnode.model.loader import load_model, resolve_model_path
 
 log = logging.getLogger("splitnode")
@@ -54,6 +55,8 @@ class Engine:
         path = model_path or resolve_model_path(config.model)
         self.model, self.model_config = load_model(path, self.device, config.dtype)
         self.dtype = next(self.model.parameters()).dtype
+        if self.device.type == "cpu":
+            pack_linears(self.model)  # oneDNN's layout: the CPU's GEMMs 1.1-1.5x faster (cpu_linear.py)
         mc = self.model_config
         per_block = kv_cache_bytes_per_block(mc.num_hidden_layers, config.block_size, mc.num_key_value_heads,
                                              mc.head_dim, self.dtype)
