@@ -72,6 +72,12 @@ class _Budget:
         self.taken.add(seq.seq_id)
 
 
+def _is_decode(seq: Sequence) -> bool:
+    """`seq.is_decode` without its two property calls: the batcher asks it of every running
+    sequence every step."""
+    return seq.num_computed > 0 and len(seq.token_ids) - seq.num_computed == 1
+
+
 class Batcher:
     def __init__(self, config: EngineConfig, pool: BlockPool, role: Role | str = Role.MIXED):
         self.config = config
@@ -114,8 +120,9 @@ class Batcher:
             s.num_pending for s in list(self.running) if not s.is_decode)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or any(not s.is_decode for s in self.running)
-                    or (self.role.decodes and any(s.is_decode for s in self.running)))
+        # a running sequence is a decode or a chunk to run: either is work for a role that decodes
+        return bool(self.waiting) or bool(self.running) and (
+            self.role.decodes or any(not s.is_decode for s in self.running))
 
     def schedule(self) -> Batch:
         budget = _Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
@@ -132,7 +139,10 @@ class Batcher:
         """The running decodes, longest skipped first (stable: older first among equals)."""
         if not self.role.decodes:
             return []
-        return sorted((s for s in self.running if s.is_decode), key=lambda s: -s.num_skipped)
+        ready = [s for s in self.running if _is_decode(s)]
+        if any(s.num_skipped for s in ready):
+            ready.sort(key=lambda s: -s.num_skipped)
+        return ready
 
     def _urgent(self, ready: list[Sequence]) -> list[Sequence]:
         """The decodes that go before the prompts: in a mixed batch, those left out of
@@ -144,24 +154,32 @@ class Batcher:
     def _schedule_decodes(self, seqs: list[Sequence], budget: _Budget, past_a_miss: bool) -> list[Sequence]:
         """The decodes of seqs that fit, in order. One that finds no room ends the pass unless
         `past_a_miss` (urgent decodes: the next may not need a new block)."""
-        decodes = []
+        decodes: list[Sequence] = []
+        block_size, taken = self.pool.block_size, budget.taken
+        room = min(budget.num_tokens, budget.num_seqs)  # a decode takes one of each
         for seq in seqs:
-            if not budget.fits():
+            if len(decodes) >= room:
                 break
-            if seq.seq_id in budget.taken or seq.status is not SeqStatus.RUNNING:  # scheduled, or preempted
+            if seq.seq_id in taken or seq.status is not SeqStatus.RUNNING:  # scheduled, or preempted
                 continue
-            if self._make_room(seq, seq.num_tokens, budget):
-                self.pool.grow(seq, seq.num_tokens)
-                decodes.append(seq)
-                budget.take(seq, 1)
-            elif not past_a_miss:
-                break
+            n = len(seq.token_ids)
+            # The pool only when the token starts a block: once every block_size steps (H1's host cost)
+            if -(-n // block_size) > len(seq.block_table):
+                if not self._make_room(seq, n, budget):
+                    if past_a_miss:
+                        continue
+                    break
+                self.pool.grow(seq, n)
+            decodes.append(seq)
+            taken.add(seq.seq_id)  # `_make_room` spares the batch's sequences from here on
+        budget.num_tokens -= len(decodes)
+        budget.num_seqs -= len(decodes)
         return decodes
 
     def _schedule_prefills(self, budget: _Budget) -> list[tuple[Sequence, int]]:
         """Prefill chunks FCFS (those under way, then the waiting ones) while the budget lasts."""
         chunks = []
-        for seq in [s for s in self.running if not s.is_decode] + list(self.waiting):
+        for seq in [s for s in self.running if not _is_decode(s)] + list(self.waiting):
             if not budget.fits():
                 break
             n = min(seq.num_pending, budget.num_tokens)

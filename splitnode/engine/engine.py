@@ -8,6 +8,7 @@ gives each worker one engine with its role.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -36,11 +37,12 @@ def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int, li
                          f"the maximum model length {max_model_len} ({limit})")
 
 
-class _SeqRows(NamedTuple):
-    """Where one sequence's logits are among the rows the runner returns."""
+class _Rows(NamedTuple):
+    """Which flat-batch rows get logits, and where each sequence's are among them."""
 
-    prompt: list[int]  # rows scoring prompt tokens not scored yet (prompt logprobs)
-    sample: int | None  # the row to sample its next token from; None: the chunk ends mid-prompt
+    rows: list[int]  # the flat-batch rows the runner returns logits of, in order
+    samples: list[int | None]  # per sequence, its row to sample from; None: the chunk ends mid-prompt
+    prompts: list[tuple[int, list[int]]]  # (sequence index, its rows scoring prompt tokens not scored yet)
 
 
 class Engine:
@@ -130,13 +132,13 @@ class Engine:
         token in it and those that failed in it (finished ones are already out of the batcher,
         their blocks free). A failure of the forward is the device's and raises; one in a
         sequence's own sampling or logprobs fails that sequence alone (`Sequence.error`)."""
-        rows, plan = self._logit_rows(batch)
-        logits = self.runner.run(batch, rows, layer_hook)
-        self._record_prompt_logprobs(batch, logits, plan)
+        plan = self._logit_rows(batch)
+        logits = self.runner.run(batch, plan.rows, layer_hook)
+        self._record_prompt_logprobs(batch, logits, plan.prompts)
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             seq.num_computed += n  # the chunk's K/V is in the cache now
-        self._append_tokens(batch, logits, plan)
-        return [s for s, r in zip(batch.seqs, plan) if r.sample is not None or s.error is not None]
+        self._append_tokens(batch, logits, plan.samples)
+        return [s for s, r in zip(batch.seqs, plan.samples) if r is not None or s.error is not None]
 
     def step(self, hook_for: Callable[[Batch], LayerHook | None] | None = None) -> tuple[Batch, list[Sequence]]:
         """Schedules and runs one batch; returns it and what `execute` returns. `hook_for(batch)`
@@ -149,73 +151,75 @@ class Engine:
         with self.streams.on(self.compute_stream):
             return batch, self.execute(batch, hook_for(batch) if hook_for else None)
 
-    def _logit_rows(self, batch: Batch) -> tuple[list[int], list[_SeqRows]]:
+    def _logit_rows(self, batch: Batch) -> _Rows:
         """Which flat-batch rows need logits: the last row of every chunk that completes its
-        sequence (to sample), and the prompt rows whose prompt logprobs are not recorded yet."""
-        rows: list[int] = []
-        plan: list[_SeqRows] = []
-        offset = 0
-        for seq, n in zip(batch.seqs, batch.chunk_lens):
+        sequence (to sample), and the prompt rows whose prompt logprobs are not recorded yet. A
+        decode's one row is both its own and its sample (it scores no prompt token)."""
+        nd = batch.num_decodes
+        rows: list[int] = list(range(nd))
+        samples: list[int | None] = list(range(nd))
+        prompts: list[tuple[int, list[int]]] = []
+        offset = nd
+        for i in range(nd, len(batch)):
+            seq, n = batch.seqs[i], batch.chunk_lens[i]
             start = seq.num_computed
-            prompt: list[int] = []
             if seq.prompt_logprobs is not None:
                 # row at position p predicts prompt token p + 1; record each prompt token once
                 first = max(start, len(seq.prompt_logprobs) - 1)
-                for p in range(first, min(start + n, seq.num_prompt_tokens - 1)):
-                    prompt.append(len(rows))
-                    rows.append(offset + p - start)
-            sample_row = None
-            if start + n == seq.num_tokens:
-                sample_row = len(rows)
+                prompt = list(range(len(rows), len(rows) + max(0, min(start + n, seq.num_prompt_tokens - 1) - first)))
+                rows.extend(range(offset + first - start, offset + first - start + len(prompt)))
+                if prompt:
+                    prompts.append((i, prompt))
+            samples.append(len(rows) if start + n == seq.num_tokens else None)
+            if samples[-1] is not None:
                 rows.append(offset + n - 1)
-            plan.append(_SeqRows(prompt, sample_row))
             offset += n
-        return rows, plan
+        return _Rows(rows, samples, prompts)
 
-    def _record_prompt_logprobs(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> None:
-        for seq, r in zip(batch.seqs, plan):
-            if r.prompt:
-                try:
-                    done = len(seq.prompt_logprobs)
-                    targets = torch.tensor(seq.prompt_token_ids[done:done + len(r.prompt)], device=logits.device)
-                    lps = torch.log_softmax(logits[r.prompt], dim=-1)
-                    seq.prompt_logprobs.extend(top_logprobs(lps, targets, seq.params.prompt_logprobs))
-                except Exception as e:  # this sequence's own: the others' rows are fine
-                    self._fail(seq, "prompt logprobs", e)
+    def _record_prompt_logprobs(self, batch: Batch, logits: torch.Tensor, prompts: list[tuple[int, list[int]]]) -> None:
+        for i, prompt in prompts:
+            seq = batch.seqs[i]
+            try:
+                done = len(seq.prompt_logprobs)
+                targets = self.streams.ids(seq.prompt_token_ids[done:done + len(prompt)], logits.device)
+                lps = torch.log_softmax(logits.index_select(0, self.streams.ids(prompt, logits.device)), dim=-1)
+                seq.prompt_logprobs.extend(top_logprobs(lps, targets, seq.params.prompt_logprobs))
+            except Exception as e:  # this sequence's own: the others' rows are fine
+                self._fail(seq, "prompt logprobs", e)
 
-    def _append_tokens(self, batch: Batch, logits: torch.Tensor, plan: list[_SeqRows]) -> None:
+    def _append_tokens(self, batch: Batch, logits: torch.Tensor, samples: list[int | None]) -> None:
         """Samples the next token of every sequence whose chunk reached its end and appends it."""
-        picked = [(s, r.sample) for s, r in zip(batch.seqs, plan) if r.sample is not None and s.error is None]
+        picked = [(s, r) for s, r in zip(batch.seqs, samples) if r is not None and s.error is None]
         if not picked:
             return
         seqs = [s for s, _ in picked]
-        rows = logits[[i for _, i in picked]]
+        # Rows are in batch order: when every row samples (a decode batch) they are the logits as
+        # they are, with no index to copy to the device (H4).
+        rows = logits if len(picked) == logits.shape[0] else logits.index_select(
+            0, self.streams.ids([r for _, r in picked], logits.device))
+        now = time.perf_counter()
         for seq, result in zip(seqs, self._sample_isolated(seqs, rows)):
             if isinstance(result, Exception):
                 self._fail(seq, "sampling", result)
                 continue
-            token, lps = result
+            token, lps = result  # (id, its logprobs or None)
             if seq.logprobs is not None:
                 seq.logprobs.append(lps)
-            seq.append_token(token)
+            seq.append_token(token, now)
             if seq.finish_reason is not None:  # a stop id, or max_tokens
                 self.batcher.remove(seq)
                 seq.finish(seq.finish_reason)
 
     def _sample_isolated(self, seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled | Exception]:
         """`_sample_rows` for the whole batch; if that raises, row by row, so that a row that still
-        raises (its exception in its place) fails only its own sequence. The generators are rewound
-        first: the failed call may have drawn from some, and a seeded request draws the same tokens
-        whatever batch it shares."""
-        states = [None if s.generator is None else s.generator.get_state() for s in seqs]
+        raises (its exception in its place) fails only its own sequence. Nothing to rewind: a draw
+        is a function of the request's seed and position alone."""
         try:
             return self._sample_rows(seqs, rows)
         except Exception as e:  # the rows that still raise log their traceback below
             log.warning("sampling a batch of %d failed (%s); sampling it row by row", len(seqs), _one_line(e))
         results: list[_Sampled | Exception] = []
-        for j, (seq, state) in enumerate(zip(seqs, states)):
-            if state is not None:
-                seq.generator.set_state(state)
+        for j, seq in enumerate(seqs):
             try:
                 results.extend(self._sample_rows([seq], rows[j:j + 1]))
             except Exception as e:
@@ -223,15 +227,21 @@ class Engine:
         return results
 
     @staticmethod
-    def _sample_rows(seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled]:
-        """The next token of each sequence (penalties applied), with its logprobs if it asked."""
-        tokens = sample(rows, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+    def _sample_rows(seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled | Exception]:
+        """The next token of each sequence (penalties applied), with its logprobs if it asked; an
+        exception in place of a row whose distribution is not one (NaN or inf in its logits)."""
+        tokens = sample(rows, [s.params for s in seqs], [s.seed for s in seqs], [len(s.token_ids) for s in seqs],
+                        [s.token_ids for s in seqs])
+        ids = tokens.tolist()  # the step's one wait for the device
         lps: list[dict[int, Logprob] | None] = [None] * len(seqs)
         if any(s.logprobs is not None for s in seqs):
             k = max((s.params.logprobs or 0) for s in seqs)
-            top = top_logprobs(torch.log_softmax(rows, dim=-1), tokens, k)
+            top = top_logprobs(torch.log_softmax(rows, dim=-1), tokens.clamp(min=0), k)
             lps = [None if s.logprobs is None else _trim(t, s.params.logprobs) for s, t in zip(seqs, top)]
-        return [_Sampled(t, lp) for t, lp in zip(tokens.tolist(), lps)]
+        results: list[_Sampled | Exception] = list(zip(ids, lps))
+        if min(ids) < 0:
+            results = [r if r[0] >= 0 else RuntimeError(NO_DISTRIBUTION) for r in results]
+        return results
 
     def _fail(self, seq: Sequence, stage: str, exc: Exception) -> None:
         """Ends seq alone and frees its blocks; `execute` returns it with the finished ones."""
@@ -240,9 +250,10 @@ class Engine:
         seq.fail(f"{stage} failed: {_one_line(exc)}")
 
 
-class _Sampled(NamedTuple):
-    token: int
-    logprobs: dict[int, Logprob] | None  # None: the request asked for none
+NO_DISTRIBUTION = "probability tensor contains inf or nan: no token to draw"
+
+
+_Sampled = tuple[int, "dict[int, Logprob] | None"]  # a token and its logprobs (None: the request asked for none)
 
 
 def _one_line(exc: Exception) -> str:

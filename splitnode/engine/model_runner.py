@@ -5,20 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from splitnode.engine.batcher import Batch
 from splitnode.engine.kv import allocate_kv_cache, layer_views
+from splitnode.engine.sequence import Sequence
 from splitnode.model.attention import AttentionContext, LayerHook, PrefillChunk
 from splitnode.model.decode_mirror import DecodeMirror
 
 DECODE_MIRROR_BYTES = 256 << 20
 MAX_GRAPH_BATCH = 256  # decode batches past it run eagerly
-
-
-def slot_of(table: list[int], pos: int, block_size: int) -> int:
-    """The cache slot of a sequence's token at `pos`, from its block table."""
-    return table[pos // block_size] * block_size + pos % block_size
 
 
 def graph_sizes(max_bs: int) -> list[int]:
@@ -83,6 +80,61 @@ def capture_ladder(cuda, device: torch.device, sizes: list[int], run: Callable[[
     return graphs, outs, stream
 
 
+class BlockTables:
+    """The block tables of the sequences a runner decodes, kept across steps in one int32 array
+    [rows, max_blocks] (-1 past each table) and, on a GPU, its device copy. A sequence keeps its row
+    while it decodes; the row is written when the sequence joins and when its table grows (a block
+    every block_size tokens), and a step gathers its rows by index: the tables are never rebuilt
+    from the Python lists (H1). A row mirrors one list object, so a sequence whose table was
+    replaced (a preemption, a hand-off) has its row written again."""
+
+    def __init__(self, num_rows: int, max_blocks: int, device: torch.device):
+        self.host = torch.full((num_rows, max_blocks), -1, dtype=torch.int32)
+        self.np = self.host.numpy()
+        self.table = self.host if device.type == "cpu" else self.host.to(device)
+        self._row_of: dict[int, int] = {}  # id(seq) -> row: the list check below makes a reused id safe
+        self._lists: list[list[int] | None] = [None] * num_rows  # the block_table object each row mirrors
+        self._lens = [0] * num_rows  # entries written in each row
+        self._free = list(range(num_rows - 1, -1, -1))
+
+    def rows(self, seqs: list[Sequence]) -> tuple[list[int], int, list[tuple[int, int]]]:
+        """The rows holding seqs' tables, brought up to date; the longest table's length; and the
+        (row, end) spans the host wrote, for the device copy."""
+        rows, written, width = [], [], 0
+        row_of, lists, lens, table = self._row_of, self._lists, self._lens, self.np
+        for seq in seqs:
+            r = row_of.get(id(seq))
+            if r is None:
+                r = self._assign(seq, seqs)
+            t = seq.block_table
+            n = len(t)
+            if lists[r] is not t:
+                table[r, :n] = t
+                table[r, n:lens[r]] = -1
+                written.append((r, max(n, lens[r])))
+                lists[r], lens[r] = t, n
+            elif n > lens[r]:
+                table[r, lens[r]:n] = t[lens[r]:]
+                written.append((r, n))
+                lens[r] = n
+            rows.append(r)
+            if n > width:
+                width = n
+        return rows, width, written
+
+    def _assign(self, seq: Sequence, seqs: list[Sequence]) -> int:
+        if not self._free:  # rows of sequences not in this batch go back (it has at most num_rows)
+            live = {id(s) for s in seqs}
+            for key, r in list(self._row_of.items()):
+                if key not in live:
+                    del self._row_of[key]
+                    self._free.append(r)
+        r = self._free.pop()
+        self._row_of[id(seq)] = r
+        self._lists[r] = None
+        return r
+
+
 class ModelRunner:
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_model_len: int, max_num_seqs: int, device: torch.device, enforce_eager: bool):
@@ -95,73 +147,107 @@ class ModelRunner:
         self.capture_stream = None  # the stream the graphs were captured on (CUDA graphs only)
         # CPU only: GPUs read the paged cache with the Triton kernel under CUDA graphs.
         self.decode_mirror = DecodeMirror(DECODE_MIRROR_BYTES) if device.type == "cpu" else None
+        self.tables = BlockTables(max_num_seqs, self.max_blocks_per_seq, device)
         if device.type == "cuda" and not enforce_eager:
             self._capture_graphs(min(max_num_seqs, MAX_GRAPH_BATCH))
 
-    def _to_device(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """int64 host arrays as tensors on the device: on a GPU in one copy from pinned memory,
+        queued on the stream (no wait); on the CPU the arrays themselves."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a) for a in arrays]
+        flat = torch.from_numpy(np.concatenate(arrays)).pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(a) for a in arrays]))
 
-    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
-        return [slot_of(table, p, self.block_size) for p in range(start, end)]
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
+        """Token ids, positions, cache slots and block-table rows of a decode per sequence (its one
+        pending token is its last), and the longest table's length, with the device's table rows
+        brought up to date."""
+        rows, width, written = self.tables.rows(seqs)
+        if written and self.device.type == "cuda":
+            touched = np.array([r for r, _ in written], dtype=np.int64)
+            end = max(e for _, e in written)
+            index, = self._upload(touched)
+            values = torch.from_numpy(self.tables.np[touched, :end]).pin_memory().to(self.device, non_blocking=True)
+            self.tables.table[:, :end].index_copy_(0, index, values)
+        num_cached = [s.num_computed for s in seqs]
+        pos = np.array(num_cached, dtype=np.int64)
+        ids = np.array([s.token_ids[-1] for s in seqs], dtype=np.int64)
+        rows = np.array(rows, dtype=np.int64)
+        bs = self.block_size
+        slots = self.tables.np[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        return ids, pos, slots, rows, width, num_cached
 
     def prepare(self, batch: Batch, layer_hook: LayerHook | None = None):
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        tables: list[list[int]] = []
-        context_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.chunk_lens)):
+        """The flat batch's inputs on the device: numpy arrays filled from the sequences' counters
+        and the persistent block tables, moved in one copy per step."""
+        nd, bs = batch.num_decodes, self.block_size
+        ids, pos, slots = [], [], []
+        spans = []  # per prefill chunk: whose context slots it needs on the device (None: its own rows)
+        if nd:
+            d_ids, d_pos, d_slots, rows, width, num_cached = self._decode_inputs(batch.seqs[:nd])
+            ids.append(d_ids)
+            pos.append(d_pos)
+            slots.append(d_slots)
+        offset = nd
+        for seq, n in zip(batch.seqs[nd:], batch.chunk_lens[nd:]):
             start, end = seq.num_computed, seq.num_computed + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(self._slots(seq.block_table, start, end))
-            if i < batch.num_decodes:
-                tables.append(seq.block_table)
-                context_lens.append(end)
-            else:
-                slots = None if start == 0 else self._to_device(self._slots(seq.block_table, 0, end), torch.int64)
-                prefills.append(PrefillChunk(len(input_ids) - n, n, end, slots))
-        block_tables = None
-        mirror = None
-        if tables:
-            width = max(len(t) for t in tables)
-            block_tables = self._to_device([t + [-1] * (width - len(t)) for t in tables], torch.int32)
-            decodes = batch.seqs[: batch.num_decodes]
+            p = np.arange(end, dtype=np.int64)
+            # every position's slot: a chunk after the first reads its whole context from the cache
+            context = np.asarray(seq.block_table, dtype=np.int64)[p // bs] * bs + p % bs
+            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            pos.append(np.arange(start, end, dtype=np.int64))
+            slots.append(context[start:] if start else context)
+            spans.append((offset, n, end, context if start else None))
+            offset += n
+        arrays = [np.concatenate(a) for a in (ids, pos, slots)]
+        if nd:
+            arrays += [rows, d_pos + 1]
+        arrays += [c for *_, c in spans if c is not None]
+        up = self._upload(*arrays)
+        input_ids, positions, slot_mapping = up[:3]
+        block_tables = context_lens = mirror = None
+        if nd:
+            if self.device.type == "cuda":
+                block_tables = self.tables.table[:, :width].index_select(0, up[3])
+            else:  # the rows themselves: a gather of [nd, width] entries, -1 past each table
+                block_tables = torch.from_numpy(self.tables.np[rows, :width])
+            context_lens = up[4].to(torch.int32)
             if self.decode_mirror is not None and self.decode_mirror.prepare(
-                    [s.seq_id for s in decodes], [s.num_computed for s in decodes], block_tables, self.kv_caches):
+                    [s.seq_id for s in batch.seqs[:nd]], num_cached, block_tables, self.kv_caches):
                 mirror = self.decode_mirror
+        contexts = iter(up[5:] if nd else up[3:])
+        prefills = [PrefillChunk(q, n, end, None if c is None else next(contexts)) for q, n, end, c in spans]
         ctx = AttentionContext(
             kv_caches=self.kv_caches,
-            slot_mapping=self._to_device(slot_mapping, torch.int64),
-            num_decodes=batch.num_decodes,
+            slot_mapping=slot_mapping,
+            num_decodes=nd,
             block_tables=block_tables,
-            context_lens=self._to_device(context_lens, torch.int32) if tables else None,
+            context_lens=context_lens,
             prefills=prefills,
             layer_hook=layer_hook,
             decode_mirror=mirror,
         )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx
+        return input_ids, positions, ctx
 
     @torch.inference_mode()
     def run(self, batch: Batch, rows: list[int], layer_hook: LayerHook | None = None) -> torch.Tensor:
         """Runs the batch; returns float32 logits of the flat-batch rows asked for."""
         n = len(batch)
         if self.graphs and batch.num_decodes == n and layer_hook is None and n <= max(self.graphs):
-            logits = self._replay(batch)  # a decode-only batch samples every row, in order
-            return logits if rows == list(range(n)) else logits[rows]
+            return self._replay(batch)  # a decode-only batch samples every row, in order
         input_ids, positions, ctx = self.prepare(batch, layer_hook)
         hidden = self.model(input_ids, positions, ctx)
         if not rows:  # every chunk in the batch is a partial prefill
             return hidden.new_empty(0, dtype=torch.float32)
-        index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
+        if len(rows) == hidden.shape[0]:  # rows are increasing: all of them, in order
+            return self.model.compute_logits(hidden)
+        index, = self._upload(np.array(rows, dtype=np.int64))
         return self.model.compute_logits(hidden.index_select(0, index))
 
     # CUDA graphs: static input buffers sized for the largest batch; each graph reads a prefix and
-    # writes the logits of every row. One pinned host buffer carries a step's inputs in one copy.
+    # writes the logits of every row. One pinned host buffer carries a step's inputs in one copy;
+    # the block tables are gathered on the device from the persistent ones.
 
     def _capture_graphs(self, max_bs: int) -> None:
         dev = self.device
@@ -170,7 +256,7 @@ class ModelRunner:
         self.g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self.g_host = torch.zeros(max_bs * (4 + self.max_blocks_per_seq), dtype=torch.int64).pin_memory()
+        self.g_host = torch.zeros(5 * max_bs, dtype=torch.int64).pin_memory()
         sizes = graph_sizes(max_bs)
 
         def run(bs: int) -> torch.Tensor:
@@ -183,25 +269,20 @@ class ModelRunner:
     def _replay(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
         bs = min(b for b in self.graphs if b >= n)
-        pad = bs - n
-        width = max(len(s.block_table) for s in batch.seqs)
-        pos = [s.num_computed for s in batch.seqs]
-        flat = [s.token_ids[p] for s, p in zip(batch.seqs, pos)] + [0] * pad
-        flat += pos + [0] * pad
-        flat += [slot_of(s.block_table, p, self.block_size) for s, p in zip(batch.seqs, pos)] + [-1] * pad
-        flat += [p + 1 for p in pos] + [1] * pad
-        for s in batch.seqs:
-            flat += s.block_table + [0] * (width - len(s.block_table))
-        flat += [0] * (pad * width)
+        ids, pos, slots, rows, width, _ = self._decode_inputs(batch.seqs)
         # Safe to refill every step: the step ends in a sync (the sampled ids come to the host).
-        host = self.g_host[: len(flat)]
-        host.copy_(torch.tensor(flat, dtype=torch.int64))
+        # Padding rows: token 0 at position 0, stored nowhere (slot -1), one token of context.
+        host = self.g_host[: 5 * bs].view(5, bs)
+        h = host.numpy()
+        for i, (real, pad) in enumerate(((ids, 0), (pos, 0), (slots, -1), (pos + 1, 1), (rows, 0))):
+            h[i, :n], h[i, n:] = real, pad
         dev = host.to(self.device, non_blocking=True)
-        self.g_ids[:bs].copy_(dev[:bs])
-        self.g_pos[:bs].copy_(dev[bs:2 * bs])
-        self.g_slots[:bs].copy_(dev[2 * bs:3 * bs])
-        self.g_lens[:bs].copy_(dev[3 * bs:4 * bs])
-        # Columns past `width` keep older entries: never read, every read is below context_len.
-        self.g_tables[:bs, :width].copy_(dev[4 * bs:].view(bs, width))
+        self.g_ids[:bs].copy_(dev[0])
+        self.g_pos[:bs].copy_(dev[1])
+        self.g_slots[:bs].copy_(dev[2])
+        self.g_lens[:bs].copy_(dev[3])
+        # Padding rows and columns past `width` keep older entries, valid block ids or -1: never
+        # read, every read is below context_len (and a padding row reads one slot of a real block).
+        self.g_tables[:n, :width].copy_(self.tables.table[:, :width].index_select(0, dev[4, :n]))
         self.graphs[bs].replay()
         return self.g_out[bs][:n]

@@ -7,6 +7,7 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 # Temperatures below this are greedy. In float32 exp(-gap / t) is exactly 0 for any logit gap above
@@ -166,34 +167,253 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[d
     return rows
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits [n, V] float32 (raw model output) -> sampled ids [n]. Greedy rows take the argmax of
-    the penalised logits; the rest draw from their own generator so a seeded request gives the same
-    tokens whatever batch it shares."""
-    logits = logits.clone() if any(p.repetition_penalty != 1.0 for p in params) else logits
-    for i, p in enumerate(params):
-        if p.repetition_penalty != 1.0 and histories[i]:
-            idx = torch.tensor(sorted(set(histories[i])), device=logits.device)
-            row = logits[i, idx]
-            logits[i, idx] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-    out = logits.argmax(dim=-1)
-    for i, p in enumerate(params):
-        if p.is_greedy:
+# The batched sampler. A drawn row takes its token by inverse CDF with one uniform of its own, a
+# hash of the request's seed and the token's position (`uniforms`): there is no generator state,
+# so a draw depends on nothing but its row: not the batch, not the worker, not a preemption.
+
+CPU_WINDOWS = (64, 1024, 8192)  # sorted prefixes the CPU tries in turn before it sorts a whole row
+GROUP = 32  # ids per group of the CPU's two-level top-w (a power of two dividing the vocabulary)
+VOCAB_BLOCK = 256  # ids per block of the unfiltered rows' two-level search
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 that spreads every input bit over the output."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds: list[int], positions: list[int]) -> np.ndarray:
+    """One float64 uniform in [0, 1) per (request seed, token position), in exact integer
+    arithmetic on the host: the same on every machine and device, whatever else is in the batch."""
+    s = _mix64(np.asarray(seeds, dtype=np.int64).view(np.uint64))
+    z = _mix64(s + (np.asarray(positions, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int],
+           histories: list[list[int]]) -> torch.Tensor:
+    """logits [n, V] float32 (raw model output) -> sampled ids [n] int64 on the logits' device; -1
+    for a row left with no distribution (NaN or inf got into it). Greedy rows take the argmax of the
+    penalised logits; the others draw from their filtered distribution with `uniforms(seeds,
+    positions)`, so a seeded request gives the same tokens whatever batch it shares and whichever
+    worker runs it. Nothing here waits for the device, except on the CPU (where waiting costs
+    nothing) the check that a sorted prefix held a row's whole nucleus."""
+    n = logits.shape[0]
+    logits = _penalise(logits, params, histories)
+    greedy = [i for i, p in enumerate(params) if p.is_greedy]
+    if len(greedy) == n:
+        return logits.argmax(dim=-1)
+    u = uniforms(seeds, positions)
+    filtered = [i for i, p in enumerate(params) if not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0)]
+    plain = [i for i, p in enumerate(params) if not p.is_greedy and not (p.top_k > 0 or p.top_p < 1.0)]
+    out = None
+    for rows, draw in ((greedy, None), (plain, _draw_plain), (filtered, _draw_filtered)):
+        if not rows:
             continue
-        # Drawn on the CPU with the request's own CPU generator: the state then moves with the
-        # request between devices, and the draw does not depend on the device.
-        row = logits[i].cpu() / p.temperature
-        if p.top_k > 0:
-            kth = row.topk(min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1.0:
-            sp, si = probs.sort(descending=True)
-            cum = sp.cumsum(0)
-            drop = (cum - sp) > p.top_p  # keep the smallest prefix whose mass reaches top_p
-            probs = probs.index_fill(0, si[drop], 0.0)
-        out[i] = torch.multinomial(probs, 1, generator=generators[i]).item()
+        x = _take(logits, rows)
+        tokens = x.argmax(dim=-1) if draw is None else draw(x, [params[i] for i in rows], u[rows])
+        if len(rows) == n:
+            return tokens
+        if out is None:
+            out = torch.empty(n, dtype=torch.int64, device=logits.device)
+        out.index_copy_(0, _on(logits.device, rows, np.int64), tokens)
     return out
+
+
+def _on(device: torch.device, values, dtype) -> torch.Tensor:
+    """Host values as a tensor on `device`; from pinned memory on CUDA, so the copy is queued on the
+    stream and the host goes on (a pageable one waits for the stream)."""
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=dtype))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t's rows (a strictly increasing list): t itself when it is all of them."""
+    return t if len(rows) == t.shape[0] else t.index_select(0, _on(t.device, rows, np.int64))
+
+
+def _penalise(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]]) -> torch.Tensor:
+    """Repetition penalty on every id a row has seen (prompt and output), all rows in one gather and
+    one scatter: positive logits divided by the penalty, negative ones multiplied."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i]]
+    if not rows:
+        return logits
+    seen = [np.unique(np.asarray(histories[i], dtype=np.int64)) for i in rows]
+    counts = [len(s) for s in seen]
+    dev = logits.device
+    index = (_on(dev, np.repeat(rows, counts), np.int64), _on(dev, np.concatenate(seen), np.int64))
+    penalty = _on(dev, np.repeat([params[i].repetition_penalty for i in rows], counts), np.float32)
+    logits = logits.clone()  # the caller's logits also give the logprobs, which are unpenalised
+    values = logits[index]
+    logits.index_put_(index, torch.where(values > 0, values / penalty, values * penalty))
+    return logits
+
+
+def _probs(x: torch.Tensor, ps: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' logits over their temperatures, and their softmax."""
+    temperatures = [p.temperature for p in ps]
+    if any(t != 1.0 for t in temperatures):
+        x = x / _on(x.device, temperatures, np.float32)[:, None]
+    return x, torch.softmax(x, dim=-1)
+
+
+def _pick(cum: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position whose cumulative mass (cum [m, w] float64) passes target [m]:
+    always one of nonzero mass, target being held inside [0, total) against rounding."""
+    total = cum[:, -1]
+    target = torch.minimum(target.clamp(min=0.0), torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, target[:, None], right=True).squeeze(1).clamp_(max=cum.shape[1] - 1)
+
+
+def _checked(tokens: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(mass) & (mass > 0), tokens, -1)
+
+
+def _plain(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
+    """The probabilities of rows without top-k or top-p: the softmax, less the ids under min_p."""
+    x, probs = _probs(x, ps)
+    min_p = [p.min_p for p in ps]
+    if any(min_p):
+        floor = _on(x.device, min_p, np.float32)[:, None] * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
+def _draw_plain(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> torch.Tensor:
+    """Rows that keep the whole vocabulary (but for min_p): inverse CDF in vocabulary order, found
+    in two levels, block sums then the block, so that no pass over the rows is a cumulative sum."""
+    probs = _plain(x, ps)
+    dev = x.device
+    m, vocab = probs.shape
+    b = math.gcd(vocab, VOCAB_BLOCK)
+    blocks = probs.view(m, vocab // b, b)
+    cum = blocks.sum(dim=-1).double().cumsum(dim=-1)
+    mass = cum[:, -1]
+    target = _on(dev, u, np.float64) * mass
+    j = _pick(cum, target)
+    before = torch.where(j > 0, cum.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    inner = blocks.gather(1, j[:, None, None].expand(m, 1, b)).squeeze(1).double().cumsum(dim=-1)
+    return _checked(j * b + _pick(inner, target - before), mass)
+
+
+def _draw_filtered(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> torch.Tensor:
+    """Rows with top-k or top-p: inverse CDF over their kept ids in descending order."""
+    out = None
+    for rows, ids, kept in _filtered(*_probs(x, ps), ps):
+        cum = kept.double().cumsum(dim=-1)
+        mass = cum[:, -1]
+        tokens = _checked(ids.gather(1, _pick(cum, _on(x.device, u[rows], np.float64) * mass)[:, None]).squeeze(1), mass)
+        if len(rows) == x.shape[0]:
+            return tokens
+        if out is None:
+            out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        out.index_copy_(0, _on(x.device, rows, np.int64), tokens)
+    return out
+
+
+def _filtered(x: torch.Tensor, probs: torch.Tensor, ps: list[SamplingParams]):
+    """Yields (rows, ids [r, w], kept [r, w]) until every row is done: each row's w most likely
+    ids, descending, and their probabilities with zeros for the ids its filters drop, for a w
+    that holds every id it keeps. A GPU sorts each row (w = V); the CPU, where a sort of 128K ids
+    costs milliseconds, first tries the 64, 1024 and 8192 most likely ids, skipping those that
+    cannot hold a row (what a window lacked bounds how many more it keeps), and sorts only the
+    rows none holds. Every w gives the same draw: the window is a prefix of the sorted row."""
+    m, vocab = x.shape
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
+    need = [k + 1 if k < vocab else 1 for k in top_k]  # the smallest window that may hold the row
+    windows = [w for w in CPU_WINDOWS if w < vocab and x.device.type == "cpu"] + [vocab]
+    rows, maxima = list(range(m)), None
+    for w in windows:
+        now = [r for r in rows if need[r] <= w or w == vocab]
+        if not now:
+            continue
+        if maxima is None and w < vocab:
+            maxima = _group_maxima(x, w)
+        ids, kept, held, more = _window(_take(x, now), _take(probs, now), [ps[r] for r in now], [top_k[r] for r in now],
+                                        w, None if maxima is None else _take(maxima, now))
+        if w == vocab or bool(held.all()):
+            yield now, ids, kept
+            done = now
+        else:  # the CPU: waiting for the device costs nothing there
+            done = [r for r, h in zip(now, held.tolist()) if h]
+            if done:
+                yield done, ids[held], kept[held]
+            for r, h, n in zip(now, held.tolist(), more.tolist()):
+                if not h:
+                    need[r] = max(need[r], n)
+        if len(done) == len(rows):
+            return
+        done = set(done)
+        rows = [r for r in rows if r not in done]
+
+
+def _window(x: torch.Tensor, probs: torch.Tensor, ps: list[SamplingParams], top_k: list[int], w: int,
+            maxima: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Each row's w most likely ids and their kept probabilities: top-k (ties at the k-th logit
+    kept), min_p against the most likely, then top-p over the top-k mass (the smallest prefix
+    whose mass reaches top_p, and every id tied with its last). Then per row whether the window
+    held every kept id (always when w = V; never for a top-k of w or more), and a lower bound on
+    the window that may: each id past this one has at most its last one's probability."""
+    vocab = x.shape[1]
+    dev = x.device
+    vals, ids = _top(x, w, maxima)
+    wp = probs.gather(1, ids)
+    k = _on(dev, top_k, np.int64)
+    min_p, top_p = _on(dev, [(p.min_p, p.top_p) for p in ps], np.float32).unbind(1)
+    keep = vals >= vals.gather(1, k.clamp(max=w)[:, None] - 1)
+    mass_k = torch.where(k < vocab, (wp * keep).sum(dim=-1), 1.0)  # top-p is relative to the top-k mass
+    keep &= wp >= min_p[:, None] * wp[:, :1]
+    q = wp * keep
+    before = q.cumsum(dim=-1) - q
+    last = ((before <= (top_p * mass_k)[:, None]).sum(dim=-1) - 1).clamp(min=0)
+    keep &= (vals >= vals.gather(1, last[:, None])) | (top_p >= 1.0)[:, None]
+    held = ~keep[:, -1] & ((k < w) | (k == vocab)) | (w == vocab)
+    lacking = (top_p * mass_k - q.sum(dim=-1)).clamp(min=0.0) / wp[:, -1]
+    more = w + torch.where(top_p < 1.0, lacking.nan_to_num(nan=1.0, posinf=vocab).clamp(1, vocab).ceil(), 1.0)
+    return ids, wp * keep, held, more
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[n, V]: the probabilities `sample` draws each row's token from (after temperature, top-k,
+    min_p and top-p; zero for every id the filters drop; not renormalised). A greedy row is one-hot
+    at its argmax. What a request's parameters keep, for tests and for reading."""
+    out = torch.zeros_like(logits)
+    for i, p in enumerate(params):
+        row = logits[i:i + 1]
+        if p.is_greedy:
+            out[i, row.argmax()] = 1.0
+        elif p.top_k > 0 or p.top_p < 1.0:
+            for _, ids, kept in _filtered(*_probs(row, [p]), [p]):
+                out[i].scatter_(0, ids[0], kept[0])
+        else:
+            out[i] = _plain(row, [p])[0]
+    return out
+
+
+def _group_maxima(x: torch.Tensor, w: int) -> torch.Tensor | None:
+    """The CPU's first level of a top-w: the maximum of each group of ids j, j + V/G, j + 2V/G, ...
+    (a strided max, which reads each row once). None where one level is as fast (no G divides V,
+    or w * G candidates would cover the row)."""
+    m, vocab = x.shape
+    g = math.gcd(vocab, GROUP)
+    if g == 1 or w * g >= vocab:
+        return None
+    return x.reshape(m, g, vocab // g).amax(dim=1)
+
+
+def _top(x: torch.Tensor, w: int, maxima: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The w largest logits of each row, descending, and their ids. With the group maxima, in two
+    levels: the w largest lie in the w groups with the largest maxima, and only those w * G
+    candidates are ranked."""
+    m, vocab = x.shape
+    if w >= vocab:
+        return x.sort(dim=-1, descending=True, stable=True)
+    groups = maxima.shape[1] if maxima is not None else vocab
+    if maxima is None or w * (vocab // groups) >= vocab:
+        return x.topk(w, dim=-1)
+    strided = x.reshape(m, vocab // groups, groups)
+    best = maxima.topk(w, dim=-1).indices  # [m, w]
+    vals, pos = strided.gather(2, best[:, None, :].expand(m, vocab // groups, w)).flatten(1).topk(w, dim=-1)
+    return vals, (pos // w) * groups + best.gather(1, pos % w)

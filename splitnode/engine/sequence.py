@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from enum import Enum, auto
-
-import torch
 
 from splitnode.engine.sampling import Logprob, SamplingParams
 
@@ -32,12 +31,10 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.num_computed = 0
         self.block_table: list[int] = []
-        self.generator: torch.Generator | None = None
-        if not params.is_greedy:
-            self.generator = torch.Generator()
-            # an unseeded request draws from the engine's seeded stream (EngineConfig.seed)
-            seed = params.seed if params.seed is not None else default_seed
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        # The sampler's draws are a hash of (seed, position): no generator state to carry between
+        # workers. An unseeded request takes one from the engine's seeded stream (EngineConfig.seed).
+        seed = params.seed if params.seed is not None else default_seed
+        self.seed: int = seed if seed is not None else secrets.randbits(63)
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
@@ -73,16 +70,17 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
-        now = time.perf_counter()
+    def append_token(self, token_id: int, now: float | None = None) -> None:
+        """`now`: when the token came (default: now); a batch's tokens share their step's time."""
+        if now is None:
+            now = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
         self.token_ids.append(token_id)
-        out = self.num_tokens - self.num_prompt_tokens
         if token_id in self.stop_ids:
             self.finish_reason = "stop"
-        elif out >= self.params.max_tokens:
+        elif len(self.token_ids) - self.num_prompt_tokens >= self.params.max_tokens:
             self.finish_reason = "length"
 
     def finish(self, reason: str) -> None:

@@ -49,11 +49,11 @@ def test_a_row_that_raises_mid_decode_fails_alone(llm, monkeypatch):
     bad = params[3]  # its own object: the patched sampler knows it by identity
     real_sample = engine_module.sample
 
-    def sample(logits, ps, histories, generators):
+    def sample(logits, ps, seeds, positions, histories):
         for p, h in zip(ps, histories):
             if p is bad and len(h) == len(prompts()[3]) + 3:
                 raise RuntimeError("boom\nsecond line of the report")
-        return real_sample(logits, ps, histories, generators)
+        return real_sample(logits, ps, seeds, positions, histories)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     eng = llm.engine
