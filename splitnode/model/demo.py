@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import ByteLevel
 
 DEMO_NAME = "demo-v1"  # bump when the written bytes change
@@ -115,12 +115,16 @@ def write_demo_model(path: Path, config: dict | None = None) -> None:
 
     _write_json(path / "config.json", c)
     _write_json(path / "generation_config.json", {"bos_token_id": BOS, "eos_token_id": EOS})
-    write_byte_tokenizer(path, c["max_position_embeddings"])
+    write_byte_tokenizer(path, c["max_position_embeddings"], c["vocab_size"])
 
 
-def write_byte_tokenizer(path: Path, model_max_length: int) -> None:
-    """tokenizer.json and tokenizer_config.json of the byte tokenizer (vocab 261), with a chat template."""
-    byte_tokenizer().save(str(path / "tokenizer.json"))
+def write_byte_tokenizer(path: Path, model_max_length: int, vocab_size: int = CONFIG["vocab_size"]) -> None:
+    """tokenizer.json and tokenizer_config.json of the byte tokenizer (vocab 261), with a chat template.
+    A bigger `vocab_size` adds plain tokens "<|N|>" for ids 261..vocab_size - 1, so every id a random
+    model of that size emits decodes to text here and in other engines (vLLM) reading the folder."""
+    tok = byte_tokenizer()
+    tok.add_tokens([AddedToken(f"<|{i}|>", special=False, normalized=False) for i in range(tok.get_vocab_size(), vocab_size)])
+    tok.save(str(path / "tokenizer.json"))
     _write_json(path / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
