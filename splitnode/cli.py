@@ -317,6 +317,10 @@ def command_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(command_first(parser, sys.argv[1:] if argv is None else list(argv)))
+    if argv is None:  # the program itself, not a caller's main([...]): its launch environment (launch.py)
+        from splitnode.launch import reexec_with_allocator
+
+        reexec_with_allocator(sys.argv[1:])
     try:
         return args.func(args)
     except USER_ERRORS as e:
