@@ -14,6 +14,10 @@ from splitnode.engine.sequence import Sequence
 from splitnode.model.attention import AttentionContext, LayerHook, PrefillChunk
 from splitnode.model.decode_mirror import DecodeMirror
 
+# The CPU decode mirror's budget: at least this, and as much as the paged KV cache itself (the
+# decodes' K/V copied contiguously never needs more than that). At 256 MB alone, 32 sequences of
+# 1K tokens in float32 (8 layers, 2 KV heads of 64) did not fit, and every decode step gathered its
+# context from the paged cache instead: 4.6x slower steps (BENCHMARKS.md, "CPU engine").
 DECODE_MIRROR_BYTES = 256 << 20
 MAX_GRAPH_BATCH = 256  # decode batches past it run eagerly
 
@@ -146,7 +150,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_stream = None  # the stream the graphs were captured on (CUDA graphs only)
         # CPU only: GPUs read the paged cache with the Triton kernel under CUDA graphs.
-        self.decode_mirror = DecodeMirror(DECODE_MIRROR_BYTES) if device.type == "cpu" else None
+        cache_bytes = sum(t.numel() * t.element_size() for kv in kv_caches for t in kv)
+        self.decode_mirror = DecodeMirror(max(DECODE_MIRROR_BYTES, cache_bytes)) if device.type == "cpu" else None
         self.tables = BlockTables(max_num_seqs, self.max_blocks_per_seq, device)
         if device.type == "cuda" and not enforce_eager:
             self._capture_graphs(min(max_num_seqs, MAX_GRAPH_BATCH))
