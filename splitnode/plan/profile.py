@@ -102,7 +102,9 @@ class Profile:
     # {own step kind: {the other device's step kind: [[batch or tokens, factor], ...]}}, kinds "decode"/"prefill"
     corun: dict | None = None
     power_w: dict | None = None  # {"prefill": W, "decode": W, "idle": W}; None: not measured (CPU)
-    overhead: dict | None = None  # {"step_s": added to every step, "latency_s": added to every token's time}
+    # {"step_s": added to every step, "latency_s": to every token's time, "loop_s_per_token": the event loop's
+    # CPU per token (charged to the workers' steps when they take every one of the box's "cores")}
+    overhead: dict | None = None
     measured: dict = field(default_factory=dict)  # when, how long, where, what was skipped
     version: str = field(default_factory=_version)
     format: int = FORMAT
@@ -124,8 +126,9 @@ class Profile:
         self._shared, self._quad, self._mixed_shared = p["shared_s"], p["quad_s"], self.mixed["shared_s"]
         self._corun = {(own, other): ([a for a, _ in pts], [max(1.0, f) for _, f in pts])
                        for own, by_other in (self.corun or {}).items() for other, pts in by_other.items() if pts}
-        self.step_overhead_s = (self.overhead or {}).get("step_s", 0.0)
-        self.latency_s = (self.overhead or {}).get("latency_s", 0.0)
+        over = self.overhead or {}
+        self.step_overhead_s, self.latency_s = over.get("step_s", 0.0), over.get("latency_s", 0.0)
+        self.loop_s_per_token, self.cores = over.get("loop_s_per_token", 0.0), over.get("cores")
 
     # -- the cost model ---------------------------------------------------------------------------
 
@@ -491,13 +494,15 @@ class _Profiler:
         return replace(prof, power_w=power, overhead=overhead, measured=measured)
 
     def overhead(self, prof: Profile) -> dict:
-        """Requests alone through a real Runtime on the first device (bound to its cores, as in
-        any run), stamped by the bench's own `one_request`: the median token gap over the engine's
-        decode step is what the worker's turn adds to a step; the TTFT over the prefill step (less
-        that) is the way from the client to the worker and back."""
+        """Requests through a real Runtime on the first device (bound to its cores, as in any
+        run), stamped by the bench's own `one_request`. One at a time: the median token gap over
+        the engine's decode step is what the worker's turn adds to a step, and the TTFT over the
+        prefill step (less that) the way from the client to the worker and back. Eight at once:
+        the event loop's own CPU time per token delivered (its thread's CPU clock), which comes out
+        of a worker's core when the workers take every core."""
         import asyncio
 
-        from splitnode.goodput.load import one_request
+        from splitnode.goodput.load import one_request, run_load
         from splitnode.goodput.workloads import RequestSpec, prompt_ids
         from splitnode.runtime import Runtime, RuntimeConfig
 
@@ -506,23 +511,29 @@ class _Profiler:
         cfg = RuntimeConfig(**fields, devices=[first], roles={first: "mixed"}, autoscale=False,
                             cpu_threads=self.threads if first.startswith("cpu") else None)
         specs = [RequestSpec(n, 12) for n in (16, 64, 16, 64, 16, 64, 16, 64) if n < prof.max_model_len - 12]
+        batch = [RequestSpec(16, 48)] * 16
+        vocab = list(range(3, 250))
 
-        async def run() -> tuple[list[float], list[float]]:
+        async def run() -> tuple[list[float], list[float], float]:
             ttft, gaps = [], []
             async with Runtime(cfg) as rt:
-                for spec, ids in zip(specs, prompt_ids(specs, list(range(3, 250)))):
+                for spec, ids in zip(specs, prompt_ids(specs, vocab)):
                     r = await one_request(rt, ids, spec, 0.0)
                     if not r.ok:
                         raise RuntimeError(f"a request alone failed while profiling: {r.error}")
                     ttft.append(r.ttft - prof.prefill_s(spec.prompt_len))
                     gaps += [g - prof.decode_s(1, spec.prompt_len + i + 1) for i, g in enumerate(r.gaps)]
-            return ttft, gaps
+                cpu0 = time.thread_time()  # this thread runs the event loop (and the client, as in the bench)
+                done = await run_load(rt, prompt_ids(batch, vocab), batch, concurrency=8)
+                loop_s = (time.thread_time() - cpu0) / max(1, sum(len(r.token_s) for r in done))
+            return ttft, gaps, loop_s
 
-        self.progress(f"requests alone through a runtime on {first}", self.done)
-        ttft, gaps = asyncio.run(run())
+        self.progress(f"requests through a runtime on {first}", self.done)
+        ttft, gaps, loop_s = asyncio.run(run())
         step = max(0.0, statistics.median(gaps))
         self.tick("runtime overhead", 0.05)
-        return {"step_s": step, "latency_s": max(0.0, statistics.median(ttft[2:]) - step)}
+        return {"step_s": step, "latency_s": max(0.0, statistics.median(ttft[2:]) - step), "loop_s_per_token": loop_s,
+                "cores": len(os.sched_getaffinity(0))}
 
     def prefill(self, m: _Meter) -> dict:
         """A ladder of fresh prompts up to the budget; four prompts in one batch (what a batch's

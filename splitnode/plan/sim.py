@@ -15,13 +15,14 @@ What it replays, rule for rule from the runtime (the comments name the function 
 - a worker's turn (`Worker._turn`): land arrived KV, hand off, change role, one batch; and the
   autoscaler's borrow/return/re-purpose rules (`Autoscaler.tick`) when it is on.
 
-Step times come from each device's `Profile`, plus what the runtime adds around the engine (a
-fixed time per step, and a latency from the worker to the client on every token: both measured
-through a real runtime); a step that starts while other devices step is slowed by the profile's
-co-run factor for what they run (the GIL between CPU workers). Not modelled: the event loop's work
-growing with load (streaming events to clients competes for the GIL too), lease expiry, failures,
-the 5 ms poll a worker waits between retries of a stuck hand-off (the simulation retries as soon
-as blocks free).
+Step times come from each device's `Profile`, plus what the runtime adds around the engine, all
+measured through a real runtime: a fixed time per step, a latency from the worker to the client on
+every token, and, when CPU workers take every core, the event loop's CPU per token (charged to the
+step that emitted them: the loop then runs on a worker's core). A step that starts while other
+devices step is slowed by the profile's co-run factor for what they run (the GIL between CPU
+workers). Not modelled: the GIL held by the event loop itself, the OS placing threads, lease
+expiry, failures, the 5 ms poll a worker waits between retries of a stuck hand-off (the simulation
+retries as soon as blocks free).
 
 Speed: a decode that runs in every step of its device is not touched per token. Each device keeps
 the end time of each of its steps; a sequence records runs of consecutive steps (device, first,
@@ -165,6 +166,12 @@ class Simulator:
         self.num_borrows = 0
         self.fast_path = True  # tests turn it off: both paths must give the same results
         self._max_batch = min(policy.max_num_seqs, policy.max_num_batched_tokens)
+        # The event loop's CPU per token comes out of a worker's core when CPU workers take every
+        # core of the profiled box (`bench serve` measures a request alone with a core to spare).
+        cpu = [p for _, _, p in devices if p.kind == "cpu"]
+        threads = sum((p.measured or {}).get("cpu_threads") or 1 for p in cpu)
+        self._loop_s = {d.index: d.profile.loop_s_per_token if d.profile.kind == "cpu" and d.profile.cores
+                        and threads >= d.profile.cores else 0.0 for d in self.devs}
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.bs)
@@ -328,6 +335,9 @@ class Simulator:
                 dur += sum(prof.move_s(nbytes, layers=prof.num_layers) for _, nbytes in jobs)
         else:
             dur = prof.decode_s(num_decodes, context)
+        loop_s = self._loop_s[d.index]
+        if loop_s:  # the tokens this step hands to the event loop
+            dur += loop_s * (num_decodes + sum(s.comp + n == s.tok for s, n in chunks))
         dur += prof.step_overhead_s
         if self._in_step:
             dur *= prof.corun_factor(bool(chunks), sum(n for _, n in chunks) if chunks else num_decodes,

@@ -81,6 +81,17 @@ def test_devices_stepping_at_once_slow_each_other_by_the_co_run_factor():
     assert b.token_s == approx([2 * P, 2 * P + D, 2 * P + 2 * D])  # started while a prefilled; decodes once a is done
 
 
+def test_the_event_loop_costs_a_worker_core_only_when_workers_take_every_core():
+    prof = flat_profile(P, D, overhead={"step_s": 0.0005, "latency_s": 0.001, "loop_s_per_token": 0.0003, "cores": 2},
+                        measured={"cpu_threads": 1})
+    spec = [RequestSpec(100, 3)]
+    alone_run = simulate([("cpu:0", "mixed", prof)], spec, [0.0]).results[0]  # one worker, a core to spare
+    assert alone_run.token_s == approx([P + 0.0005 + 0.001, P + D + 0.001 + 0.001, P + 2 * D + 0.0015 + 0.001])
+    split = simulate([("cpu:0", "prompt", prof), ("cpu:1", "token", prof)], spec, [0.0]).results[0]
+    step = 0.0005 + 0.0003  # every step hands one token to the loop, which runs on a worker's core
+    assert split.token_s == approx([P + step + 0.001, P + D + 2 * step + 0.001, P + 2 * D + 3 * step + 0.001])
+
+
 def _pressure_runs(fast: bool):
     """Small KV pools, a short budget and Poisson bursts: preemption, stuck hand-offs, chunking."""
     prof = flat_profile(0.004, 0.003, per_token_s=3e-5, per_seq_s=1e-4, num_kv_blocks=40,
