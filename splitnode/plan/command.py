@@ -81,9 +81,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--apply", action="store_true", help="move the server at --socket to the recommended layout")
     t.add_argument("--socket", type=Path, default=None, metavar="PATH",
                    help="a running server: its devices and model are planned, and --apply moves it")
+    v = p.add_argument_group("validate (the simulator against measurement)")
+    v.add_argument("--validate", type=Path, nargs="+", default=None, metavar="BENCH.json",
+                   help="simulate every run of these `splitnode bench serve --json` files on its own requests and send "
+                        "times, and print measured against predicted TTFT, TBT, SLOs met and goodput per layout "
+                        "(the profile: --profile-file, else the cache dir's for the bench's model and devices)")
+    v.add_argument("--markdown", action="store_true", help="print --validate's tables as GitHub Markdown")
 
 
 def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    if args.validate:
+        from splitnode.plan.validate import validate
+
+        return validate(args, engine_kwargs)
+    if args.markdown:
+        raise ValueError("--markdown formats the tables of --validate BENCH.json")
     if args.num_requests < 1 or args.sweep_runs < 2 or not args.profile_budget_s > 0:
         raise ValueError("--num-requests must be >= 1, --sweep-runs >= 2 and --profile-budget-s > 0")
     if args.rate is not None and not 0 < args.rate < float("inf"):
