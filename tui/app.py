@@ -2,7 +2,8 @@
 
 One row per device (role, KV blocks, queues, batch, busy share, GPU power, temperature, memory),
 then the pools (the autoscaler's signals against its thresholds), the KV transfers (the machine's
-"NVLink traffic") and the requests (throughput, TTFT, TBT), then the requests in flight. Keys move
+"NVLink traffic") and the requests (throughput, TTFT, TBT), then the requests in flight and the
+predicted goodput of the devices' layout. Keys move
 the selected device between roles and drive a built-in load generator.
 
 It reads and acts only through a backend (`LocalBackend(rt)` or `RemoteBackend(client)`), so it
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual import on, work
@@ -29,7 +31,7 @@ from textual.widgets import DataTable, Footer, Static
 from splitnode.tui.backend import Backend
 from splitnode.tui.load import LoadGenerator
 from splitnode.tui.rates import Rates
-from splitnode.tui.view import COLUMNS, device_cells, header_text, pools_lines, requests_lines, transfers_lines
+from splitnode.tui.view import COLUMNS, device_cells, header_text, pools_lines, prediction_line, requests_lines, transfers_lines
 
 # What the keys alone do not say (the keys themselves come from the bindings); one line a
 # paragraph: the help wraps it to its width.
@@ -41,6 +43,19 @@ HELP_PROSE = (
 )
 
 MAX_IN_FLIGHT_ROWS = 200
+
+
+@dataclass(frozen=True)
+class Panes:
+    """The main screen's widgets, found once they are mounted."""
+
+    header: Static
+    devices: DataTable
+    pools: Static
+    transfers: Static
+    requests: Static
+    in_flight: DataTable
+    prediction: Static
 
 
 class StatusSampled(Message):
@@ -163,6 +178,7 @@ class Dashboard(App):
         self._session = backend.session
         self._notifier: _Notifier | None = None
         self._warned: set[str] = set()
+        self._panes: Panes | None = None  # see `panes`
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
@@ -172,6 +188,7 @@ class Dashboard(App):
             yield Static(id="transfers", classes="panel")
             yield Static(id="requests", classes="panel")
         yield DataTable(id="in-flight", cursor_type="none", zebra_stripes=True)
+        yield Static(id="prediction")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -185,6 +202,9 @@ class Dashboard(App):
         self.query_one("#transfers").border_title = "KV transfers"
         self.query_one("#requests").border_title = "requests"
         in_flight.border_title = "in flight"
+        self._panes = Panes(self.query_one("#header", Static), devices, self.query_one("#pools", Static),
+                            self.query_one("#transfers", Static), self.query_one("#requests", Static), in_flight,
+                            self.query_one("#prediction", Static))
         devices.focus()
         self._notifier = _Notifier(self, asyncio.get_running_loop())
         logging.getLogger("splitnode").addHandler(self._notifier)
@@ -193,6 +213,16 @@ class Dashboard(App):
 
     def on_unmount(self) -> None:
         logging.getLogger("splitnode").removeHandler(self._notifier)
+
+    @property
+    def panes(self) -> Panes | None:
+        """The widgets to show samples in, or None while they may not be there: before they are
+        mounted, and once the app has begun to shut down. `App._shutdown` (leaving run_test, say)
+        clears `is_running` first, then removes the screens while the message loop still runs, and
+        the poll worker, cancelled only when that loop ends, can still post a sample or a failure
+        whose new text would redraw the header. Every update goes through here, so none reaches a
+        widget that is gone."""
+        return self._panes if self.is_running else None
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -209,6 +239,8 @@ class Dashboard(App):
 
     @on(StatusSampled)
     def _on_status(self, message: StatusSampled) -> None:
+        if self.panes is None:  # shutting down: nothing more to show or say
+            return
         if message.session != self._session:  # reattached: the new server's counters start over
             self._session = message.session
             self.rates = Rates()
@@ -222,23 +254,27 @@ class Dashboard(App):
 
     @on(StatusFailed)
     def _on_status_failed(self, message: StatusFailed) -> None:
+        if self.panes is None:
+            return
         if self.error is None:
             self.notify(message.error, title="status failed", severity="error")
         self.error = message.error
 
     def watch_sample(self, status: dict | None) -> None:
-        # A sample polled just before the app closes can land once its widgets are gone: drop it.
-        if status is None or not self.query("#devices"):
+        panes = self.panes
+        if status is None or panes is None:
             return
-        self._show_devices(status)
-        self.query_one("#pools", Static).update(pools_lines(status))
-        self.query_one("#transfers", Static).update(transfers_lines(status, self.rates))
-        self.query_one("#requests", Static).update(requests_lines(status, self.rates))
-        self._show_in_flight(status)
+        self._show_devices(panes.devices, status)
+        panes.pools.update(pools_lines(status))
+        panes.transfers.update(transfers_lines(status, self.rates))
+        panes.requests.update(requests_lines(status, self.rates))
+        self._show_in_flight(panes.in_flight, status)
+        # an older server sends no prediction: no line for it
+        panes.prediction.display = "prediction" in status
+        panes.prediction.update(prediction_line(status))
         self._show_header()
 
-    def _show_devices(self, status: dict) -> None:
-        table = self.query_one("#devices", DataTable)
+    def _show_devices(self, table: DataTable, status: dict) -> None:
         rows = {dev["name"]: device_cells(dev, self.rates.device_rate(dev["name"], lambda d: d["busy_s"]))
                 for dev in status["devices"]}
         if [row.key.value for row in table.ordered_rows] != list(rows):
@@ -255,8 +291,7 @@ class Dashboard(App):
             for key, _, width in COLUMNS:
                 table.update_cell(name, key, cells[key], update_width=width is None)
 
-    def _show_in_flight(self, status: dict) -> None:
-        table = self.query_one("#in-flight", DataTable)
+    def _show_in_flight(self, table: DataTable, status: dict) -> None:
         table.clear()
 
         def ms(m: dict, key: str) -> str:
@@ -267,14 +302,15 @@ class Dashboard(App):
                           "-" if "e2e_s" not in r else f"{r['e2e_s']:.2f}", ms(r, "tbt_mean_s"), ms(r, "tbt_max_s"))
 
     def _show_header(self) -> None:
-        if self.sample is None:
+        panes = self.panes
+        if self.sample is None or panes is None:
             return
         load = (f"on, {self.load.rate:g} req/s (sent {self.load.num_sent}, done {self.load.num_done}, "
                 f"failed {self.load.num_failed})" if self.load_on else f"off ({self.load.rate:g} req/s; l starts)")
         text = header_text(self.sample, self.backend.where, self.mode, load)
         if self.error:
             text.append(f"   disconnected: {self.error}", style="bold red")
-        self.query_one("#header", Static).update(text)
+        panes.header.update(text)
 
     def watch_mode(self) -> None:
         self._show_header()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from splitnode.runtime.status import PoolSignals, format_ms
+from splitnode.runtime.status import PoolSignals, format_ms, format_prediction
 from splitnode.tui.rates import Rates
 
 ROLE_STYLE = {"prompt": "bold magenta", "token": "bold cyan", "mixed": "bold yellow"}
@@ -106,6 +106,13 @@ def header_text(status: dict, where: str, mode: str, load: str) -> Text:
     text.append(f"role changes: {mode}", style="bold" if mode == "drain" else "")
     text.append(f"   load: {load}")
     return text
+
+
+def prediction_line(status: dict) -> Text:
+    """The line under the requests in flight: `splitnode plan`'s goodput for the devices' layout on
+    the traffic they served (dim while there is none)."""
+    pred = status.get("prediction")
+    return Text(format_prediction(pred), style="" if pred and pred.get("available") else "dim")
 
 
 def pool_signals(status: dict) -> PoolSignals:

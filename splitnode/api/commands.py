@@ -162,6 +162,7 @@ async def serving(config, path: Path, worker_progress: bool = False, shutdown_gr
     to hand the terminal to a dashboard. `http`: HTTPServers (`http_servers`), bound here with the
     socket's check and served once the socket is, sharing one set of metrics; they stop with it."""
     from splitnode.api import server, socket_file
+    from splitnode.plan.predict import Predictor
     from splitnode.runtime import Runtime
 
     socket_file.prepare_socket_dir(path)
@@ -169,7 +170,7 @@ async def serving(config, path: Path, worker_progress: bool = False, shutdown_gr
     http = http or []
     await _bind_http(http)
     t0 = time.perf_counter()
-    rt = Runtime(config)
+    rt = Runtime(config, predictor=Predictor(config))  # status() gains the predicted goodput of its layout
     try:
         with _interrupt_on_signals(), (
                 _log_to_stderr(logging.getLogger("splitnode")) if worker_progress else contextlib.nullcontext()):
@@ -362,7 +363,7 @@ def release(args: argparse.Namespace) -> int:
 
 
 def format_status(st: dict) -> str:
-    from splitnode.runtime.status import format_ms
+    from splitnode.runtime.status import format_ms, format_prediction
 
     header = ("DEVICE", "ROLE", "PIN", "KV USED/TOTAL", "RESERVED", "WAITING", "RUNNING", "ARRIVING", "BATCH")
     rows = []
@@ -385,4 +386,5 @@ def format_status(st: dict) -> str:
     t = st["transfers"]
     lines.append(f"transfers: {t['num_sequences']} sequences, {t['num_transfers']} moves, "
                  f"{t['bytes_moved'] / 2**20:.1f} MiB, {t['num_failed']} failed, {t['in_flight']} in flight")
+    lines.append(format_prediction(st.get("prediction")))
     return "\n".join(lines)

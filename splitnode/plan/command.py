@@ -14,7 +14,6 @@ from splitnode.goodput import slo as S
 from splitnode.goodput import workloads as W
 from splitnode.plan import planner as P
 from splitnode.plan.profile import Profile, ProfileError, device_name, measure, model_key, profile_path
-from splitnode.plan.sim import Policy
 
 DESCRIPTION = (
     "Recommend the roles of a box's devices for a workload. A profile of the devices (measured once with the real "
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     devices, count = _devices(args.devices, server)
     prof = _profile(args, devices, count, kwargs)
     n = count or len(devices)
-    policy = _policy(kwargs, prof)
+    policy = P.policy_for(kwargs, prof)
     sim_len = min(prof.max_model_len, (policy.num_kv_blocks or prof.kv_blocks(policy.block_size)) * policy.block_size,
                   policy.max_model_len or 1 << 62)
     specs, base = _requests(args, sim_len)
@@ -237,19 +236,6 @@ def _spec(devices: list[str]) -> str:
     return f"cpu:{len(devices)}" if devices[0].startswith("cpu") else ",".join(devices)
 
 
-def _policy(kwargs: dict, prof: Profile) -> Policy:
-    """The runtime's values for the flags given (RuntimeConfig checks them); the KV pool from
-    --num-kv-blocks, --kv-cache-gib (CPU) or the profiled device's."""
-    from splitnode.runtime.config import RuntimeConfig
-
-    cfg = RuntimeConfig(devices=["cpu:0"], **{k: v for k, v in kwargs.items() if k != "cpu_threads"})
-    blocks = cfg.num_kv_blocks
-    if blocks is None and cfg.kv_cache_gib is not None and prof.kind == "cpu":
-        blocks = int(cfg.kv_cache_gib * 2**30 // (prof.kv_bytes_per_token * cfg.block_size))
-    if cfg.max_num_batched_tokens > max(prof.prefill["tokens"]) * 1.01:
-        print(f"splitnode plan: warning: the token budget {cfg.max_num_batched_tokens} is past the profile's largest "
-              f"prefill ({max(prof.prefill['tokens'])}); longer batches are extrapolated", file=sys.stderr)
-    return Policy.from_config(cfg, num_kv_blocks=blocks or prof.kv_blocks(cfg.block_size), autoscale=False)
 
 
 def _requests(args, max_len: int) -> tuple[list[W.RequestSpec], list[float]]:

@@ -12,6 +12,7 @@ benchmark's own rate search (`search_rate`) over simulated runs.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -77,6 +78,21 @@ def parse_layout(name: str, num_devices: int) -> Layout:
     values = list(roles.values())
     check_phases(values)
     return Layout(values.count("prompt"), values.count("token"), values.count("mixed"), policy or extra == "policy")
+
+
+def policy_for(kwargs: dict, prof: Profile) -> Policy:
+    """The runtime's values for the flags given (RuntimeConfig checks them); the KV pool from
+    --num-kv-blocks, --kv-cache-gib (CPU) or the profiled device's."""
+    from splitnode.runtime.config import RuntimeConfig
+
+    cfg = RuntimeConfig(devices=["cpu:0"], **{k: v for k, v in kwargs.items() if k != "cpu_threads"})
+    blocks = cfg.num_kv_blocks
+    if blocks is None and cfg.kv_cache_gib is not None and prof.kind == "cpu":
+        blocks = int(cfg.kv_cache_gib * 2**30 // (prof.kv_bytes_per_token * cfg.block_size))
+    if cfg.max_num_batched_tokens > max(prof.prefill["tokens"]) * 1.01:
+        print(f"splitnode plan: warning: the token budget {cfg.max_num_batched_tokens} is past the profile's largest "
+              f"prefill ({max(prof.prefill['tokens'])}); longer batches are extrapolated", file=sys.stderr)
+    return Policy.from_config(cfg, num_kv_blocks=blocks or prof.kv_blocks(cfg.block_size), autoscale=False)
 
 
 def arrivals_at(base: list[float], rate: float | None) -> list[float]:

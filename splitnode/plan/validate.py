@@ -36,6 +36,7 @@ from splitnode.plan.profile import Profile, ProfileError, device_name, model_key
 from splitnode.plan.sim import Policy, alone, simulate
 
 GOAL = 0.15  # issue 8: predicted goodput within 15% of the measured one
+FINE_RUNS, FINE_TOLERANCE = 12, 0.03  # `splitnode plan`'s own search
 _SEARCH = inspect.signature(S.search_rate).parameters
 _BENCH_TOLERANCE, _FLOOR = _SEARCH["tolerance"].default, _SEARCH["floor"].default  # the bench passes neither
 _RECORD_KEYS = ("prompt_len", "output_len", "sent_s")
@@ -216,6 +217,22 @@ class GoodputCheck:
     measured: float
     predicted: float
     history: list[tuple[float, bool]]  # the predicted search's (rate, met)
+    # The measured goodput is only known to lie between the highest rate that met the SLOs and the
+    # lowest one above it that missed (None: none missed); `fine` is the planner's own finer search
+    # (FINE_RUNS runs, FINE_TOLERANCE), judged against that bracket rather than one of its ends.
+    bracket: tuple[float, float | None] = (0.0, None)
+    fine: float | None = None
+
+    @property
+    def fine_error(self) -> float | None:
+        """How far the fine prediction lies outside the measured bracket, relative to the bracket's
+        end it passed (0 inside it; a bracket from 0 when no rate met); None without a search."""
+        lo, hi = self.bracket
+        if self.fine is None or (lo <= 0 and hi is None):
+            return None
+        if self.fine < lo:
+            return (self.fine - lo) / lo
+        return 0.0 if hi is None or self.fine <= hi else (self.fine - hi) / hi
 
     @property
     def error(self) -> float | None:
@@ -226,6 +243,11 @@ class GoodputCheck:
     def is_close(self) -> bool:
         """Within the goal; where nothing met the SLOs, only a prediction of nothing is."""
         return abs(self.error) <= GOAL if self.measured > 0 else self.predicted == 0
+
+    @property
+    def fine_is_close(self) -> bool:
+        """The fine prediction within the goal of the measured bracket."""
+        return self.fine_error is not None and abs(self.fine_error) <= GOAL
 
 
 @dataclass
@@ -284,8 +306,16 @@ def validate_bench(bench: Bench, prof: Profile, policy: Policy, seed: int = 0, m
         lay = layouts.get(name) or P.parse_layout(name, n)
         start = measured["runs"][0][0] if measured["runs"] else planner.sweep_start()
         rate, history = planner.goodput(lay, start, max_runs, _BENCH_TOLERANCE)
-        goodput.append(GoodputCheck(name, lay, float(measured["rate"]), rate, history))
+        fine, _ = planner.goodput(lay, start, FINE_RUNS, FINE_TOLERANCE)
+        goodput.append(GoodputCheck(name, lay, float(measured["rate"]), rate, history, _bracket(measured["runs"]), fine))
     return Validation(bench, prof, runs, goodput, max_runs)
+
+
+def _bracket(runs: list) -> tuple[float, float | None]:
+    """(the highest rate that met, the lowest rate above it that missed) of a measured search."""
+    lo = max((float(r) for r, met in runs if met), default=0.0)
+    above = [float(r) for r, met in runs if not met and float(r) > lo]
+    return lo, min(above) if above else None
 
 
 def predict(planner: P.Planner, layout: P.Layout, specs: list[RequestSpec], arrivals: list[float],
@@ -425,16 +455,24 @@ def render(v: Validation, markdown: bool = False) -> str:
     out = [f"### {b.title}" if markdown else b.title, "", intro, "", _table(head, rows, markdown, "<>>>>>>"), "",
            f"SLOs met: the prediction agrees with the measurement in {agree} of {len(replayed)} runs."]
     if v.goodput:
-        head = ["layout", "measured goodput req/s", "predicted req/s", "error", f"within {GOAL:.0%}"]
+        head = ["layout", "measured req/s (met / missed)", "predicted, same search", "error",
+                "predicted, fine search", "off the bracket", f"within {GOAL:.0%}"]
         rows = []
         for g in v.goodput:
-            rows.append([_name(g.name, g.layout), f"{g.measured:.2f}", f"{g.predicted:.2f}",
-                         "-" if g.error is None else f"{g.error:+.0%}", _yes(g.is_close)])
+            lo, hi = g.bracket
+            fe = g.fine_error
+            rows.append([_name(g.name, g.layout), f"{g.measured:.2f} ({lo:.2f} / {'-' if hi is None else f'{hi:.2f}'})",
+                         f"{g.predicted:.2f}", "-" if g.error is None else f"{g.error:+.0%}",
+                         "-" if g.fine is None else f"{g.fine:.2f}", "-" if fe is None else f"{fe:+.0%}",
+                         _yes(g.fine_is_close)])
         measured, predicted = v.ranking
-        out += ["", _table(head, rows, markdown, "<>>>>"), "",
+        out += ["", _table(head, rows, markdown, "<>>>>>>"), "",
                 f"Ranking by goodput: measured {_places(measured)}; predicted {_places(predicted)}: "
                 f"{'agrees' if v.ranking_agrees else 'differs'}. Predicted searches start at the bench's first rate "
-                f"({v.goodput[0].history[0][0]:.3g} req/s), at most {v.max_runs} runs, tolerance {_BENCH_TOLERANCE:.0%}."]
+                f"({v.goodput[0].history[0][0]:.3g} req/s); the same search: at most {v.max_runs} runs, tolerance "
+                f"{_BENCH_TOLERANCE:.0%}, as the bench's; the fine one: {FINE_RUNS} runs, {FINE_TOLERANCE:.0%}, judged "
+                f"against the measured bracket (the measured goodput lies between the highest rate met and the next "
+                f"rate missed)."]
     return "\n".join(out)
 
 
@@ -460,15 +498,13 @@ def _table(head: list[str], rows: list[list[str]], markdown: bool, align: str) -
 def validate(args: argparse.Namespace, engine_kwargs: dict) -> int:
     """`splitnode plan --validate BENCH.json ...`: every file read and its profile found before
     anything is simulated, so a bad file or profile fails at once."""
-    from splitnode.plan.command import _policy
-
     if args.profile or args.apply or args.socket is not None:
         raise ValueError("--validate replays bench files with a stored profile: drop --profile, --apply and --socket")
     benches = [read_bench(path) for path in args.validate]
     profiles = [find_profile(b, args.profile_file, engine_kwargs) for b in benches]
     sections = []
     for b, prof in zip(benches, profiles):
-        policy = _policy(engine_kwargs, prof)
+        policy = P.policy_for(engine_kwargs, prof)
         max_len = min(prof.max_model_len, (policy.num_kv_blocks or prof.kv_blocks(policy.block_size)) * policy.block_size,
                       policy.max_model_len or 1 << 62)
         v = validate_bench(b, prof, policy, args.seed, max_len)

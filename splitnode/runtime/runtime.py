@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from splitnode.engine.engine import Engine, resolve_model_path
 from splitnode.engine.outputs import Prompt, RequestOutput, RequestState, new_request
@@ -30,7 +31,7 @@ from splitnode.runtime.config import RuntimeConfig, cpu_core_sets, default_roles
 from splitnode.runtime.messages import Add, Arrive, RoleReached, TokenEvent, WorkerFailed
 from splitnode.runtime.pools import Autoscaler, Pools
 from splitnode.runtime.router import Router
-from splitnode.runtime.status import DeviceStatus, PolicyStatus, Status, percentiles
+from splitnode.runtime.status import DeviceStatus, PolicyStatus, PredictionStatus, Status, percentiles
 from splitnode.runtime.transfer import KVMover
 from splitnode.runtime.worker import Worker
 from splitnode.telemetry import GPUSampler, nvml_targets
@@ -48,6 +49,15 @@ IDLE_TRIM_S = 2.0  # idle this long, the process hands freed heap back to the OS
 
 class Overloaded(RuntimeError):
     """Too many requests in flight (RuntimeConfig.max_active_requests): try again later."""
+
+
+class Predictor(Protocol):
+    """What fills `status()["prediction"]`: `splitnode.plan.predict.Predictor`. The planner sits
+    above the runtime (it runs one to profile a device), so whoever builds the runtime passes it in."""
+
+    def on_request_end(self, state: RequestState, finish_reason: str) -> None: ...
+    def status(self, devices: list[DeviceStatus], policy: PolicyStatus) -> PredictionStatus: ...
+    def close(self) -> None: ...
 
 
 def run_event_loop(coro):
@@ -76,10 +86,11 @@ class Runtime:
     """`async with Runtime(RuntimeConfig(devices="cpu:3")) as rt:` then `rt.generate(...)`."""
 
     def __init__(self, config: RuntimeConfig | None = None, telemetry: GPUSampler | None = None,
-                 power: PowerCaps | None = None, **kwargs):
+                 power: PowerCaps | None = None, predictor: Predictor | None = None, **kwargs):
         self.config = config or RuntimeConfig(**kwargs)
         self.telemetry = telemetry  # default: NVML for the CUDA devices, made in start()
         self.power = power  # default: config.power_caps through NVML, made in start(); None: no caps
+        self.predictor = predictor  # None: status() predicts nothing
         self.num_generated_tokens = 0
         self.num_finished = 0
         self.started_at: float | None = None
@@ -99,6 +110,8 @@ class Runtime:
         # Called on the loop as each request ends, with its state and finish reason: how the API's
         # Prometheus histograms see every request (the socket's and the HTTP API's alike).
         self.request_end_hooks: list[Callable[[RequestState, str], None]] = []
+        if predictor is not None:
+            self.request_end_hooks.append(predictor.on_request_end)  # the lengths it predicts for
         self._tasks: list[asyncio.Task] = []
         # Tokenizing a long prompt takes long enough to stall every stream: off the loop it goes.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="splitnode-tokenize")
@@ -174,6 +187,8 @@ class Runtime:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.stop)
+        if self.predictor is not None:
+            await asyncio.to_thread(self.predictor.close)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -343,6 +358,8 @@ class Runtime:
             "transfers": asdict(self.mover.stats),
             "policy": policy,
             "signals": self.autoscaler.signals(),
+            "prediction": (self.predictor.status(devices, policy) if self.predictor is not None
+                           else {"available": False, "reason": "this runtime was started without a predictor"}),
         }
 
 

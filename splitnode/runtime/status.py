@@ -110,6 +110,30 @@ class PolicyStatus(TypedDict):
     max_num_batched_tokens: int
 
 
+class PredictionStatus(TypedDict, total=False):
+    """`splitnode plan`'s predicted goodput for the layout the devices are in, on the lengths of the
+    runtime's recently finished requests (`splitnode.plan.predict`); `available` False and `reason`
+    say why there is none (yet). Computed in a helper process: these are the latest figures, for
+    `layout` and `num_requests` as they were `age_s` ago, while `computing` says newer ones are on
+    their way."""
+
+    available: bool
+    reason: str  # only when not available
+    computing: bool  # a prediction is under way (for the layout the devices are in now)
+    current_layout: str  # the layout the devices are in now ("1p1t", "1p2t+policy"); absent if none can serve
+    layout: str  # the layout the figures below are for
+    goodput: float  # requests/s meeting the SLOs there (Splitwise's slowdowns), predicted
+    best_layout: str  # the layout with the highest predicted goodput among every one of the devices
+    best_goodput: float
+    layouts: dict[str, float]  # every layout's predicted goodput
+    num_requests: int  # finished requests whose prompt and output lengths made the workload
+    profile: str  # the profile's path
+    computed_at: float  # time.time() when it was computed
+    age_s: float  # since then
+    compute_s: float  # how long the helper took
+    warnings: list[str]  # what the planner warned about (a token budget past the profile's points, say)
+
+
 class Status(TypedDict):
     runtime: RuntimeInfo
     devices: list[DeviceStatus]
@@ -117,6 +141,7 @@ class Status(TypedDict):
     transfers: TransfersStatus
     policy: PolicyStatus
     signals: PoolSignals
+    prediction: PredictionStatus
 
 
 def percentiles(values: list[float]) -> Percentiles | None:
@@ -131,3 +156,19 @@ def format_ms(p: Percentiles | None, sep: str = " / ") -> str:
     if not p:
         return "-"
     return sep.join(f"{p[k] * 1000:.0f}" for k in ("p50", "p90", "p99")) + " ms"
+
+
+def format_prediction(p: PredictionStatus | None) -> str:
+    """One line for people: the predicted goodput at the devices' layout and at the best one, or
+    why there is none."""
+    if not p:
+        return "predicted goodput: n/a (this server predicts none)"
+    if not p.get("available"):
+        return f"predicted goodput: n/a ({p.get('reason', '?')})"
+    now = p.get("current_layout", p["layout"])
+    where = f"this layout {now}" if now == p["layout"] else f"{p['layout']} (the layout before {now})"
+    age = p.get("age_s", 0.0)
+    line = (f"predicted goodput at {where}: {p['goodput']:.2f} req/s (best: {p['best_layout']}, "
+            f"{p['best_goodput']:.2f} req/s); {p['num_requests']} requests, "
+            + (f"{age:.0f} s ago" if age < 120 else f"{age / 60:.0f} min ago"))
+    return line + ("; recomputing" if p.get("computing") else "")

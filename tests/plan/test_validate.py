@@ -232,3 +232,23 @@ def test_bad_files_and_profiles_are_one_line_errors(case, message, tmp_path, pro
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("splitnode plan: error:") and message in err[0]
+
+
+def test_the_fine_prediction_is_judged_against_the_measured_bracket():
+    """A measured search only brackets the goodput: between the highest rate met and the next
+    rate above it that missed. Inside the bracket is no error; outside, the distance to its end."""
+    from splitnode.plan.validate import GoodputCheck, _bracket
+
+    assert _bracket([(8.0, False), (4.0, True), (6.0, False), (5.0, True)]) == (5.0, 6.0)
+    assert _bracket([(2.0, False), (1.0, False)]) == (0.0, 1.0)
+    assert _bracket([(1.0, True), (2.0, True)]) == (2.0, None)
+
+    def check(bracket, fine):
+        return GoodputCheck("2m", None, bracket[0], 0.0, [], bracket, fine)
+
+    assert check((2.0, 2.4), 2.2).fine_error == 0.0
+    assert check((2.0, 2.4), 1.75).fine_error == pytest.approx(-0.125) and check((2.0, 2.4), 1.75).fine_is_close
+    assert check((2.0, 2.4), 3.0).fine_error == pytest.approx(0.25) and not check((2.0, 2.4), 3.0).fine_is_close
+    assert check((0.0, 1.1), 0.9).fine_error == 0.0  # nothing met at 1.1: a prediction below it agrees
+    assert check((0.0, 1.1), 1.5).fine_error == pytest.approx(0.4 / 1.1)
+    assert check((3.0, None), 5.0).fine_error == 0.0  # met at every rate tried

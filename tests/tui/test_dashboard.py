@@ -4,6 +4,8 @@ notification, and the load generator sends real requests."""
 
 from __future__ import annotations
 
+import asyncio
+
 from polling import wait_for
 from textual.notifications import Notify
 
@@ -174,3 +176,31 @@ async def test_a_runtime_warning_is_a_toast_shown_once(rt):
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
         await wait_for(pilot, lambda: backend.num_samples >= 6)  # the same warning in every sample
     assert [(n.title, n.message) for n in notes if n.severity == "warning"] == [("runtime", WarningBackend.warning)]
+
+
+async def test_the_prediction_line_says_what_it_waits_for_then_what_is_missing(tmp_path):
+    """A real runtime with a predictor: the line under the requests in flight shows its status:
+    first the traffic it waits for, then (with no profile at the path given) how to measure one."""
+    from splitnode.engine.sampling import SamplingParams
+    from splitnode.plan.predict import Predictor
+    from splitnode.runtime import Runtime, RuntimeConfig
+
+    config = RuntimeConfig(devices="cpu:2", num_kv_blocks=64, autoscale=False)
+    missing = tmp_path / "no-such-profile.json"
+    async with Runtime(config, predictor=Predictor(config, profile_file=missing)) as rt:
+        app = Dashboard(LocalBackend(rt), poll_s=0.05)
+        async with app.run_test(size=SIZE) as pilot:
+            line = app.query_one("#prediction")
+            await wait_for(pilot, lambda: "waiting for" in str(line.content))
+            assert str(line.content) == "predicted goodput: n/a (waiting for 20 finished requests, 0 so far)"
+            assert line.display and line.region.height == 1
+
+            async def one(i: int) -> None:
+                async for _ in rt.generate(f"hi {i}", SamplingParams(max_tokens=2)):
+                    pass
+
+            await asyncio.gather(*(one(i) for i in range(20)))
+            await wait_for(pilot, lambda: "no profile at" in str(line.content))
+            assert str(line.content) == (f"predicted goodput: n/a (no profile at {missing}: measure one with "
+                                         "`splitnode plan --profile`)")
+            assert rt.predictor.helper_pid is None  # nothing to simulate

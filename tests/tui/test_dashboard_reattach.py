@@ -92,3 +92,34 @@ def test_rates_are_unknown_while_a_counter_went_down():
     assert rates.rate(lambda s: s["n"]) == 50.0
     rates.add(1.5, {"n": 3})  # a restarted server counts from zero
     assert rates.rate(lambda s: s["n"]) is None
+
+
+class FailingBackend(LocalBackend):
+    """The real runtime's status until `fail()`, then a new error on every call, as a server that is
+    gone says while the client retries: the poll keeps posting failures, each with other text."""
+
+    def __init__(self, rt):
+        super().__init__(rt)
+        self.num_failures = 0
+        self.failing = False
+
+    async def status(self):
+        if self.failing:
+            self.num_failures += 1
+            raise ConnectionError(f"connection lost; reconnecting (attempt {self.num_failures})")
+        return await super().status()
+
+
+async def test_failures_polled_while_the_app_shuts_down_reach_no_widget_that_is_gone(rt):
+    """Issue: NoMatches for '#header' from _show_header at the end of a reattach test. Leaving
+    run_test calls App._shutdown, which removes the screens while the message loop still runs;
+    the poll worker, cancelled only when that loop ends, posted one more failure with new text,
+    and the header was updated after it was gone. Polling without a pause makes that certain."""
+    backend = FailingBackend(rt)
+    app = Dashboard(backend, poll_s=0.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.sample is not None)
+        backend.failing = True
+        await wait_for(pilot, lambda: app.error is not None and backend.num_failures > 5)
+        assert "disconnected: connection lost" in str(app.query_one("#header").content)
+    assert backend.num_failures > 5  # and leaving run_test raised nothing

@@ -244,3 +244,42 @@ def test_pools_read_the_runtimes_signals_and_work_them_out_for_an_older_server()
     assert pools_lines(older) == lines  # the same figures, from the devices
     status["signals"] = {"prompt_queue_tokens": 123, "token_kv_occupancy": 0.5}
     assert "prompt queue   123 tok" in pools_lines(status) and "token KV       50%" in pools_lines(status)
+
+
+PREDICTION = {"available": True, "computing": False, "current_layout": "1p1t1m+policy", "layout": "1p1t1m+policy",
+              "goodput": 31.4, "best_layout": "2p1t+policy", "best_goodput": 38.25,
+              "layouts": {"1p1t1m+policy": 31.4, "2p1t+policy": 38.25}, "num_requests": 200,
+              "profile": "/root/.cache/splitnode/profiles/llama--NVIDIA_H100--auto.json", "computed_at": 1.7e9,
+              "age_s": 12.2, "compute_s": 3.1, "warnings": []}
+
+
+async def test_the_prediction_is_a_line_under_the_requests_in_flight_and_absent_for_an_older_server():
+    app, both_samples_shown = canned_dashboard()
+    async with app.run_test(size=SIZE) as pilot:
+        await both_samples_shown(pilot)
+        line = app.query_one("#prediction")
+        assert not line.display  # the canned server is of the kind that sends no prediction
+        in_flight_height = app.query_one("#in-flight").region.height
+
+    app, both_samples_shown = canned_dashboard()
+    for sample in app.backend.samples:
+        sample["prediction"] = dict(PREDICTION)
+    async with app.run_test(size=SIZE) as pilot:
+        await both_samples_shown(pilot)
+        line = app.query_one("#prediction")
+        assert str(line.content) == ("predicted goodput at this layout 1p1t1m+policy: 31.40 req/s (best: 2p1t+policy, "
+                                     "38.25 req/s); 200 requests, 12 s ago")
+        assert line.display and line.region.height == 1 and line.region.y == SIZE[1] - 2  # just above the keys
+        assert app.query_one("#in-flight").region.height == in_flight_height - 1  # the rest of the screen stays put
+        assert str(app.query_one("#header").content).startswith("splitnode  model meta-llama")
+
+
+def test_the_prediction_says_which_layout_it_is_for_and_what_it_waits_for():
+    from splitnode.runtime.status import format_prediction
+
+    moved = {**PREDICTION, "current_layout": "2p1t+policy", "computing": True, "age_s": 300.0}
+    assert format_prediction(moved) == ("predicted goodput at 1p1t1m+policy (the layout before 2p1t+policy): 31.40 "
+                                        "req/s (best: 2p1t+policy, 38.25 req/s); 200 requests, 5 min ago; recomputing")
+    assert format_prediction({"available": False, "reason": "waiting for 20 finished requests, 3 so far"}) == (
+        "predicted goodput: n/a (waiting for 20 finished requests, 3 so far)")
+    assert format_prediction(None) == "predicted goodput: n/a (this server predicts none)"
