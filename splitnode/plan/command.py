@@ -37,7 +37,12 @@ plan (reads the profile; seconds):
 
 apply (moves a running server to the recommended layout with assign, through mixed so that no phase is
 ever left without a device; the devices stay pinned there):
-  splitnode plan --socket /run/user/1000/splitnode/splitnode.sock --workload conversation --scale 0.05 --apply"""
+  splitnode plan --socket /run/user/1000/splitnode/splitnode.sock --workload conversation --scale 0.05 --apply
+
+validate (the simulator against measurement: every run of bench serve --json files replayed on its own requests
+and send times; measured against predicted percentiles, SLOs met and goodput, and the layouts' ranking):
+  splitnode bench serve --devices cpu:2 --workload conversation --scale 0.25 --compare 2m,1p1t,1p1m --sweep --json conv.json
+  splitnode plan --validate conv.json [--markdown]"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
