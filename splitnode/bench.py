@@ -16,10 +16,12 @@ engine. vLLM runs in its own environment's interpreter (`--against-vllm PYTHON`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,6 +153,10 @@ def splitnode_fn(llm, max_tokens: list[int], prompts: list[list[int]]):
     return lambda: [o.token_ids for o in llm.generate(prompts, params)]
 
 
+class VllmWorkerError(ValueError):
+    """The vLLM worker could not start or answer: one line for the user, the details in its log."""
+
+
 class VllmWorker:
     """vLLM in another environment's interpreter, running `_vllm_worker.py` (JSON lines on its
     stdin and stdout; vLLM's own output goes to `log`)."""
@@ -160,8 +166,10 @@ class VllmWorker:
         cmd = [python, str(WORKER), "--model", str(model), "--dtype", dtype, "--max-model-len", str(max_model_len)]
         with open(log, "w") as f:
             # its own folder as cwd: vLLM's spawned engine process must not import splitnode's files
+            # its own session: `paused` stops the worker and vLLM's engine process together
             self.proc = subprocess.Popen(cmd + ([] if tune else ["--no-tune"]), stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=f, text=True, cwd=tempfile.gettempdir())
+                                         stdout=subprocess.PIPE, stderr=f, text=True, cwd=tempfile.gettempdir(),
+                                         start_new_session=True)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -171,7 +179,7 @@ class VllmWorker:
             self.close()
             tail = "".join(open(self.log, errors="replace").readlines()[-3:]).strip()
             what = msg.get("error") or f"exited with status {self.proc.returncode}: {tail[-300:]}"
-            raise RuntimeError(f"the vLLM worker failed: {what} (its log: {self.log})")
+            raise VllmWorkerError(f"the vLLM worker failed: {what} (its log: {self.log})")
         return msg
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Timed:
@@ -179,6 +187,16 @@ class VllmWorker:
         self.proc.stdin.flush()
         msg = self._read()
         return Timed(msg["outputs"], msg["seconds"])
+
+    @contextlib.contextmanager
+    def paused(self):
+        """vLLM's processes stopped (SIGSTOP) while the other side is timed: idle, its engine process
+        still polls and its OpenMP threads spin after each call, on the same cores."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -188,6 +206,13 @@ class VllmWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _while_paused(worker: VllmWorker, fn):
+    def run():
+        with worker.paused():
+            return fn()
+    return run
 
 
 def random_model_path() -> Path:
@@ -298,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
             worker = VllmWorker(args.against_vllm, path, args.dtype, max_len, vlog, tune=not args.vllm_no_tune)
             log(f"vLLM {worker.info['version']} loaded in {worker.info['load_s']:.0f}s, env {worker.info['env']}")
             ref_name, ref_fn = f"vLLM {worker.info['version']}", lambda: worker.generate(prompts, max_tokens)
+            ours_fn = _while_paused(worker, ours_fn)
         log(f"{len(prompts)} requests: splitnode (all at once) and {ref_name}, "
             f"a warm-up each, then {args.repeat} rounds timing each once in turn ...")
         runs = timed_alternately({"splitnode": ours_fn, ref_name: ref_fn}, args.repeat)
