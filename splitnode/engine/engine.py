@@ -230,6 +230,8 @@ class Engine:
     def _sample_rows(seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled | Exception]:
         """The next token of each sequence (penalties applied), with its logprobs if it asked; an
         exception in place of a row whose distribution is not one (NaN or inf in its logits)."""
+        if all(s.plain_greedy for s in seqs):  # what `sample` does for these, without its per-row lists
+            return [(t, None) for t in rows.argmax(dim=-1).tolist()]
         tokens = sample(rows, [s.params for s in seqs], [s.seed for s in seqs], [len(s.token_ids) for s in seqs],
                         [s.token_ids for s in seqs])
         ids = tokens.tolist()  # the step's one wait for the device

@@ -36,6 +36,8 @@ class Sequence:
         seed = params.seed if params.seed is not None else default_seed
         self.seed: int = seed if seed is not None else secrets.randbits(63)
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        # the sampler's fast path: an argmax of the raw logits and nothing else (no penalty, no logprobs)
+        self.plain_greedy = params.is_greedy and params.repetition_penalty == 1.0 and params.logprobs is None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.finish_reason: str | None = None

@@ -44,7 +44,9 @@ def assert_all_free(llm) -> None:
 def test_a_row_that_raises_mid_decode_fails_alone(llm, monkeypatch):
     """The sampler raises for one sequence's row at its 4th token: the batch call fails, the engine
     samples row by row, and only that sequence ends (abort, its error), returned by step()."""
-    params = [GREEDY, SEEDED, GREEDY, SamplingParams(**vars(GREEDY)), GREEDY]
+    # the bad one asks for logprobs, so that its batches go through `sample` (an all-plain-greedy
+    # batch takes the engine's argmax fast path, which has no sampler to raise)
+    params = [GREEDY, SEEDED, GREEDY, SamplingParams(**{**vars(GREEDY), "logprobs": 0}), GREEDY]
     want = llm.generate(prompts(), params)
     bad = params[3]  # its own object: the patched sampler knows it by identity
     real_sample = engine_module.sample
