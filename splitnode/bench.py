@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -217,21 +216,9 @@ def _while_paused(worker: VllmWorker, fn):
 
 def random_model_path() -> Path:
     """RANDOM_MODEL's folder in the cache, written once (atomically, as the demo model's)."""
-    from splitnode.model.demo import default_cache_dir, write_demo_model
+    from splitnode.model.demo import cached_model_path
 
-    final = default_cache_dir() / "bench-llama-h512-l8-v4096"
-    if not (final / "config.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=final.parent))
-        try:
-            write_demo_model(tmp, RANDOM_MODEL)
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a lost race with another writer
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_model_path("bench-llama-h512-l8-v4096", RANDOM_MODEL)
 
 
 def load_transformers(path, device: str, dtype: str = "float32"):

@@ -67,14 +67,21 @@ def default_cache_dir() -> Path:
 
 def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     """The demo model's folder, written on first use (atomically: a temp folder renamed into place)."""
+    return cached_model_path(DEMO_NAME, None, cache_dir)
+
+
+def cached_model_path(name: str, config: dict | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A random model of the demo's kind (`write_demo_model(path, config)`) in the cache folder as
+    `name`, written once, atomically: a temp folder renamed into place, so concurrent first uses
+    never see half a folder."""
     parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = parent / DEMO_NAME
+    final = parent / name
     if (final / "config.json").is_file():
         return final
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
     try:
-        write_demo_model(tmp)
+        write_demo_model(tmp, config)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():  # not a lost race with another writer

@@ -13,7 +13,8 @@ from pathlib import Path
 from splitnode.goodput import slo as S
 from splitnode.goodput import workloads as W
 from splitnode.plan import planner as P
-from splitnode.plan.profile import Profile, ProfileError, device_name, measure, model_key, profile_path
+from splitnode.plan.measure import measure
+from splitnode.plan.profile import Profile, ProfileError, device_name, model_key, profile_path
 
 DESCRIPTION = (
     "Recommend the roles of a box's devices for a workload. A profile of the devices (measured once with the real "
@@ -117,9 +118,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     prof = _profile(args, devices, count, kwargs)
     n = count or len(devices)
     policy = P.policy_for(kwargs, prof)
-    sim_len = min(prof.max_model_len, (policy.num_kv_blocks or prof.kv_blocks(policy.block_size)) * policy.block_size,
-                  policy.max_model_len or 1 << 62)
-    specs, base = _requests(args, sim_len)
+    specs, base = _requests(args, P.longest_request(prof, policy))
     candidates = ([P.parse_layout(x.strip(), n) for x in args.layouts.split(",") if x.strip()] if args.layouts
                   else P.layouts(n, args.autoscale))
     if not candidates:
@@ -229,16 +228,11 @@ def _profile(args, devices: list[str], count: int | None, kwargs: dict) -> Profi
         path = profile_path(model_key(kwargs.get("model")), name, dtype)
         if not path.is_file():
             raise ProfileError(f"no profile of {model_key(kwargs.get('model'))} on {name} ({dtype}) in {path.parent}: "
-                               f"measure it with `splitnode plan --profile --devices {_spec(devices)}` (about a minute)")
+                               f"measure it with `splitnode plan --profile --devices {P.devices_spec(devices)}` (about a minute)")
     prof = Profile.load(path)
     if count is None and prof.kind != devices[0].partition(":")[0]:
         raise ProfileError(f"{path} profiles {prof.kind} devices ({prof.device}), not {devices[0]}")
     return prof
-
-
-def _spec(devices: list[str]) -> str:
-    """How --devices names these workers (cpu:N for N CPU workers)."""
-    return f"cpu:{len(devices)}" if devices[0].startswith("cpu") else ",".join(devices)
 
 
 

@@ -95,6 +95,18 @@ def policy_for(kwargs: dict, prof: Profile) -> Policy:
     return Policy.from_config(cfg, num_kv_blocks=blocks or prof.kv_blocks(cfg.block_size), autoscale=False)
 
 
+def longest_request(prof: Profile, policy: Policy) -> int:
+    """The longest request (prompt + output) one device of the profile holds under `policy`: what
+    the planner's, the validation's and the status prediction's requests are fitted to."""
+    blocks = policy.num_kv_blocks or prof.kv_blocks(policy.block_size)
+    return min(prof.max_model_len, blocks * policy.block_size, policy.max_model_len or 1 << 62)
+
+
+def devices_spec(devices: list[str]) -> str:
+    """How --devices names these workers (cpu:N for N CPU workers)."""
+    return f"cpu:{len(devices)}" if devices[0].startswith("cpu") else ",".join(devices)
+
+
 def arrivals_at(base: list[float], rate: float | None) -> list[float]:
     """`base` arrival times played at `rate` requests/s on average (None: as they are): the bench's
     rescaling (goodput.command), so a simulated run and a measured one send the same requests at

@@ -266,10 +266,8 @@ def predict(job: dict) -> dict:
     said = io.StringIO()
     with contextlib.redirect_stderr(said):  # policy_for's warnings go into the answer, not the server's log
         policy = P.policy_for(job["kwargs"], prof)
-    # as `splitnode plan` sizes its requests: what one device of the profile can hold
-    sim_len = min(prof.max_model_len, (policy.num_kv_blocks or prof.kv_blocks(policy.block_size)) * policy.block_size,
-                  policy.max_model_len or 1 << 62)
-    specs = [W.fit(W.RequestSpec(p, o), sim_len) for p, o in job["lengths"]]
+    longest = P.longest_request(prof, policy)  # as `splitnode plan` sizes its requests
+    specs = [W.fit(W.RequestSpec(p, o), longest) for p, o in job["lengths"]]
     current = P.Layout(*job["layout"])
     n = current.num_devices
     planner = P.Planner(prof, n, specs, W.poisson_arrivals(len(specs), 1.0, 0), policy)

@@ -157,7 +157,7 @@ def find_profile(bench: Bench, profile_file: Path | None, engine_kwargs: dict) -
         profile_file = profile_path(key, name, dtype)
         if not profile_file.is_file():
             raise ProfileError(f"no profile of {key} on {name} ({dtype}) in {profile_dir()}: measure it with "
-                               f"`splitnode plan --profile --devices {_spec(bench.devices)}`"
+                               f"`splitnode plan --profile --devices {P.devices_spec(bench.devices)}`"
                                + (f" --model {bench.model}" if bench.model else "") + " or give --profile-file")
         if "dtype" not in _given(engine_kwargs):
             bench.notes.append(f"the file does not record the dtype: read the {dtype} profile (--dtype picks another)")
@@ -190,10 +190,6 @@ def _given(engine_kwargs: dict) -> set[str]:
 
     defaults = {f.name: f.default for f in fields(RuntimeConfig)}
     return {k for k, v in engine_kwargs.items() if k not in defaults or v != defaults[k]}
-
-
-def _spec(devices: list[str]) -> str:
-    return f"cpu:{len(devices)}" if devices[0].startswith("cpu") else ",".join(devices)
 
 
 # -- the validation -------------------------------------------------------------------------------------------
@@ -505,9 +501,7 @@ def validate(args: argparse.Namespace, engine_kwargs: dict) -> int:
     sections = []
     for b, prof in zip(benches, profiles):
         policy = P.policy_for(engine_kwargs, prof)
-        max_len = min(prof.max_model_len, (policy.num_kv_blocks or prof.kv_blocks(policy.block_size)) * policy.block_size,
-                      policy.max_model_len or 1 << 62)
-        v = validate_bench(b, prof, policy, args.seed, max_len)
+        v = validate_bench(b, prof, policy, args.seed, P.longest_request(prof, policy))
         if not _given(engine_kwargs) & {"num_kv_blocks", "kv_cache_gib", "block_size", "max_num_batched_tokens"}:
             b.notes.append("the file does not record the engine's settings: simulated with this command's (pass the "
                            "bench's --num-kv-blocks, --max-num-batched-tokens, ... again if it had any)")

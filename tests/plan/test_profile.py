@@ -9,7 +9,8 @@ import pytest
 from conftest import flat_profile
 
 from splitnode.cli import main
-from splitnode.plan.profile import Profile, ProfileError, interp, measure, monotone, profile_path
+from splitnode.plan.measure import measure
+from splitnode.plan.profile import Profile, ProfileError, interp, monotone, profile_path
 
 
 def test_the_cost_model_interpolates_between_measured_points_and_extends_the_last_segment():
