@@ -21,8 +21,10 @@ import torch
 
 GROUPS = [  # (group, substrings of aten/mkldnn op names), first match wins
     ("GEMM (linears, lm head)", ("mkldnn", "linear", "aten::mm", "addmm", "matmul")),
-    ("attention (bmm, softmax, SDPA)", ("bmm", "softmax", "scaled_dot_product", "flash_attention", "masked_fill")),
-    ("elementwise (norm, rotary, SiLU, residual)", ("mul", "add", "silu", "rsqrt", "pow", "mean", "neg", "cat", "sub",
+    ("attention (bmm, softmax, SDPA)", ("bmm", "softmax", "scaled_dot_product", "flash_attention", "masked_fill",
+                                        "cpu_paged_decode", "cpu_prefill")),
+    ("elementwise (norm, rotary, SiLU, residual)", ("cpu_rms_norm", "cpu_rotary", "cpu_silu", "mul", "add",
+                                                    "silu", "rsqrt", "pow", "mean", "neg", "cat", "sub",
                                                     "div", "exp", "sin", "cos")),
     ("copies and indexing", ("copy", "index", "gather", "scatter", "to_", "_to", "clone", "contiguous", "select",
                              "embedding", "fill", "empty", "zero")),
@@ -110,8 +112,19 @@ def main() -> None:
     outside = wall - sum(clock.t[(k, "whole step")] for k in ("prefill", "mixed", "decode"))
     print(f"outside the steps (LLM.generate: requests in, detokenization, outputs): {outside:.3f} s ({outside / wall:.1%})")
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
+    from splitnode.kernels import cpu as cpu_kernels
+
+    def labelled(name, fn):  # the C kernels are ctypes calls, which torch.profiler does not see
+        def call(*a, **k):
+            with record_function(f"splitnode::cpu_{name}"):
+                return fn(*a, **k)
+        return call
+
+    for name in ("rms_norm", "rotary_qk_", "silu_and_mul", "paged_decode_attention", "prefill_attention"):
+        if hasattr(cpu_kernels, name):
+            setattr(cpu_kernels, name, labelled(name.rstrip("_").replace("_attention", ""), getattr(cpu_kernels, name)))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, params)
     events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "_C::", "splitnode"))]

@@ -11,6 +11,7 @@ import torch
 from splitnode.engine.batcher import Batch
 from splitnode.engine.kv import allocate_kv_cache, layer_views
 from splitnode.engine.sequence import Sequence
+from splitnode.kernels import cpu as cpu_kernels
 from splitnode.model.attention import AttentionContext, LayerHook, PrefillChunk
 from splitnode.model.decode_mirror import DecodeMirror
 
@@ -149,9 +150,12 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_stream = None  # the stream the graphs were captured on (CUDA graphs only)
-        # CPU only: GPUs read the paged cache with the Triton kernel under CUDA graphs.
+        # CPU only, and only where the C kernels are not built (kernels/cpu.py reads the paged cache
+        # as it is); GPUs read it with the Triton kernel under CUDA graphs.
         cache_bytes = sum(t.numel() * t.element_size() for kv in kv_caches for t in kv)
-        self.decode_mirror = DecodeMirror(max(DECODE_MIRROR_BYTES, cache_bytes)) if device.type == "cpu" else None
+        self.decode_mirror = None
+        if device.type == "cpu" and not (kv_caches and cpu_kernels.takes(device, kv_caches[0][0].dtype)):
+            self.decode_mirror = DecodeMirror(max(DECODE_MIRROR_BYTES, cache_bytes))
         self.tables = BlockTables(max_num_seqs, self.max_blocks_per_seq, device)
         if device.type == "cuda" and not enforce_eager:
             self._capture_graphs(min(max_num_seqs, MAX_GRAPH_BATCH))

@@ -5,8 +5,9 @@ then prefill chunks. Metadata travels in an explicit `AttentionContext` handed d
 call, never through a module-level global.
 
 On CUDA the decodes go through the paged decode kernel, writing into the layer's output, and every
-prefill chunk through one paged prefill launch. The CPU keeps the torch paths (the kernels'
-references), which are faster there than the kernels could be.
+prefill chunk through one paged prefill launch. On the CPU the decodes go through the C kernel of
+kernels/cpu.c over the paged cache (the decode mirror where it is not built), and prefill chunks
+through torch's batched GEMMs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from splitnode.kernels import cpu as cpu_kernels
 from splitnode.kernels.fused import HAVE_TRITON
 from splitnode.kernels.paged_attention import paged_decode_attention, paged_decode_attention_triton
 from splitnode.kernels.prefill_attention import paged_prefill_attention_triton
@@ -87,6 +89,9 @@ def attention(
         out[:nd] = ctx.decode_mirror.attend(layer, q[:nd], k[:nd], v[:nd], scale)
     elif nd and kernels:  # straight into the output: no copy after (G1)
         paged_decode_attention_triton(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, out=out[:nd])
+    elif nd and cpu_kernels.supports(q):
+        cpu_kernels.paged_decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
+                                           out=out[:nd])
     elif nd:
         paged_decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, out=out[:nd])
     if ctx.prefills and kernels:

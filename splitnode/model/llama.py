@@ -8,7 +8,9 @@ The layers carry the residual stream beside the hidden states, as vLLM's do, so 
 sublayer's residual add is fused with the norm after it. On CUDA the elementwise work goes through
 kernels/fused.py (add+RMSNorm, q/k norm and rotary in one launch, SiLU-and-mul): about 10 kernels
 per decode layer instead of ~38 tiny ones, which bound small-model decode even under CUDA graphs
-(G1). Elsewhere the same calls take the torch references, the ops this module always ran.
+(G1). On the CPU they go through the C kernels of kernels/cpu.c (one pass each, rather than torch's
+pass and fork/join per op), and elsewhere, or where those are not built, through the torch
+references, the ops this module always ran.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitnode.kernels import cpu as cpu_kernels
 from splitnode.kernels import fused
 from splitnode.model.attention import AttentionContext, attention, use_triton
 from splitnode.model.config import ModelConfig
@@ -33,9 +36,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """rms_norm(x); with `residual`, (rms_norm(residual + x), residual + x): the add of the
         sublayer before, in the same kernel."""
+        if use_triton(x):
+            if residual is None:
+                return fused.rms_norm_triton(x, self.weight, self.eps)
+            return fused.add_rms_norm_triton(x, residual, self.weight, self.eps)
+        if cpu_kernels.supports(x) and x.dim() == 2:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
-            return (fused.rms_norm_triton if use_triton(x) else fused.rms_norm_ref)(x, self.weight, self.eps)
-        return (fused.add_rms_norm_triton if use_triton(x) else fused.add_rms_norm_ref)(x, residual, self.weight, self.eps)
+            return fused.rms_norm_ref(x, self.weight, self.eps)
+        return fused.add_rms_norm_ref(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -105,6 +114,8 @@ class LlamaAttention(nn.Module):
                                                                      self.q_norm.eps)
         if use_triton(x):  # in place on the qkv output, whose strided views the later kernels read as they are
             fused.rotary_qk_triton(q, k, cos, sin, qw, kw, eps)
+        elif cpu_kernels.supports(x):  # the same, in place
+            cpu_kernels.rotary_qk_(q, k, cos, sin, qw, kw, eps)
         else:
             q, k = fused.rotary_ref(q, cos, sin, qw, eps), fused.rotary_ref(k, cos, sin, kw, eps)
         return self.o_proj(attention(q, k, v, ctx, self.layer_idx, self.scale))
@@ -118,7 +129,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj((fused.silu_and_mul_triton if use_triton(x) else fused.silu_and_mul_ref)(gate_up))
+        if use_triton(x):
+            return self.down_proj(fused.silu_and_mul_triton(gate_up))
+        if cpu_kernels.supports(x):
+            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))
+        return self.down_proj(fused.silu_and_mul_ref(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

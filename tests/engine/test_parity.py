@@ -8,7 +8,12 @@ import torch
 
 from splitnode import SamplingParams
 
-ATOL = 1e-4
+# Float32 throughout. The engine's kernels (oneDNN's packed GEMMs and the C kernels of kernels/cpu.c
+# on the CPU) round differently from transformers' torch ops, each op within an ulp or two of the
+# exact value as torch's own are; these small random models amplify that to at most ~1.5e-4 in a
+# decode step's logprob (measured: 1.1e-5 to 1.5e-4 over the five checkpoints). A wrong kernel is
+# off by 1e-2 or more.
+ATOL = 3e-4
 K = 5
 # id -> (architecture, config overrides): every family member, plus the variants that change the
 # weight layout (tied embeddings, attention bias) or the rotary (llama3 scaling).

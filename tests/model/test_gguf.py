@@ -30,6 +30,10 @@ FILES = {
 }
 
 
+# float32 kernels that round unlike transformers' ops: see ATOL in tests/engine/test_parity.py
+ATOL = 3e-4
+
+
 @pytest.fixture(scope="module")
 def gguf_files(make_hf_checkpoint, tmp_path_factory):
     made = {}
@@ -73,7 +77,7 @@ def test_logits_and_greedy_tokens_match_transformers_gguf_loader(gguf_files, key
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0]
     assert ref.std() > 1.0  # margins, so agreement means something
-    torch.testing.assert_close(logits.log_softmax(-1), ref.log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.log_softmax(-1), ref.log_softmax(-1), atol=ATOL, rtol=0)
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
     out = LLM(str(path), num_kv_blocks=16).generate([ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -179,7 +183,7 @@ def test_converted_folder_loads_in_splitnode_and_transformers(gguf_files, tmp_pa
     assert Tokenizer(out).apply_chat_template(CHAT) == Tokenizer(path).apply_chat_template(CHAT)
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(our_logits(out, ids).log_softmax(-1), ref.log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(our_logits(out, ids).log_softmax(-1), ref.log_softmax(-1), atol=ATOL, rtol=0)
 
 
 def test_model_names_resolve(gguf_files, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from splitnode.model import AttentionContext, PrefillChunk, demo_model_path, loa
 
 # the module, not the function of its name that splitnode.model exports
 attention_module = importlib.import_module("splitnode.model.attention")
+from splitnode.kernels import cpu as cpu_kernels  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -41,6 +42,7 @@ def _mixed_batch(model, config, kernels: bool, monkeypatch):
     caches = empty_kv_caches(config, num_blocks=4 * len(SEQS), block_size=BLOCK, fill=1e4)
     before = [(i, done) for i, (_, done) in enumerate(SEQS) if done]
     monkeypatch.setattr(attention_module, "USE_TRITON", kernels)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)  # the torch path is the references, not the C kernels
     with torch.inference_mode():
         ids = torch.cat([prompts[i][:done] for i, done in before])
         pos = torch.cat([torch.arange(done) for _, done in before])
@@ -125,6 +127,7 @@ def test_a_decode_layer_on_the_kernel_path_is_four_gemms_and_six_launches(tmp_pa
     for name, kernel in kernels.items():
         kernel.add_pre_run_hook(hooks[name])
     elementwise = {"mul", "add", "pow", "mean", "rsqrt", "neg", "cat", "silu", "softmax", "matmul", "to", "copy_"}
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     try:
         for on in (False, True):
             monkeypatch.setattr(attention_module, "USE_TRITON", on)

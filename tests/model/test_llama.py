@@ -4,6 +4,8 @@ from model_helpers import empty_kv_caches, prefill_context
 from splitnode.model import AttentionContext, PrefillChunk, load_model
 
 PROMPT = [256] + list(b"The quick brown fox jumps over the lazy dog, 12345 times!")
+# float32 kernels that round unlike transformers' ops: see ATOL in tests/engine/test_parity.py
+ATOL = 3e-4
 
 
 def hf_logits(path, ids):
@@ -23,7 +25,7 @@ def test_prefill_logits_match_transformers(hf_checkpoint):
     ref = hf_logits(hf_checkpoint, PROMPT)
     assert logits.dtype == torch.float32 and logits.shape == (t, config.vocab_size)
     assert ref.std() > 1.0  # the checkpoint's logits have margins, so the comparison means something
-    torch.testing.assert_close(logits.log_softmax(-1), ref.log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.log_softmax(-1), ref.log_softmax(-1), atol=ATOL, rtol=0)
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
 
@@ -50,8 +52,8 @@ def test_chunked_prefill_then_decode_matches_full_prefill(make_hf_checkpoint):
             kv_caches=caches, slot_mapping=slots[t - 1:], num_decodes=1,
             block_tables=blocks[None].int(), context_lens=torch.tensor([t], dtype=torch.int32)))
         decode_logits = model.compute_logits(hidden)
-    torch.testing.assert_close(chunk_logits.log_softmax(-1), ref[split:t - 1].log_softmax(-1), atol=1e-4, rtol=0)
-    torch.testing.assert_close(decode_logits.log_softmax(-1), ref[t - 1:].log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(chunk_logits.log_softmax(-1), ref[split:t - 1].log_softmax(-1), atol=ATOL, rtol=0)
+    torch.testing.assert_close(decode_logits.log_softmax(-1), ref[t - 1:].log_softmax(-1), atol=ATOL, rtol=0)
 
 
 def test_layer_hook_sees_every_layer_in_order(make_hf_checkpoint):

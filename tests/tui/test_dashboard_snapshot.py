@@ -257,6 +257,7 @@ async def test_the_prediction_is_a_line_under_the_requests_in_flight_and_absent_
     app, both_samples_shown = canned_dashboard()
     async with app.run_test(size=SIZE) as pilot:
         await both_samples_shown(pilot)
+        await pilot.pause()  # until idle: the layout pass after the sample's rows went in
         line = app.query_one("#prediction")
         assert not line.display  # the canned server is of the kind that sends no prediction
         in_flight_height = app.query_one("#in-flight").region.height
@@ -266,6 +267,7 @@ async def test_the_prediction_is_a_line_under_the_requests_in_flight_and_absent_
         sample["prediction"] = dict(PREDICTION)
     async with app.run_test(size=SIZE) as pilot:
         await both_samples_shown(pilot)
+        await pilot.pause()
         line = app.query_one("#prediction")
         assert str(line.content) == ("predicted goodput at this layout 1p1t1m+policy: 31.40 req/s (best: 2p1t+policy, "
                                      "38.25 req/s); 200 requests, 12 s ago")

@@ -1,0 +1,324 @@
+/* splitnode's CPU kernels: the decoder layer's attention and elementwise work, each one pass over
+ * its data with the threads of torch's own OpenMP runtime (the .so links libgomp.so.1, which torch
+ * has already loaded: one thread pool, not two).
+ *
+ * Built by kernels/cpu.py with the system's C compiler on first use (-O3 -march=native -fopenmp)
+ * and cached; called through ctypes with tensors' data pointers and strides. Every function has a
+ * float32 and a bfloat16 form from one macro body; bfloat16 values are loaded to float32, computed
+ * there, and rounded where the torch reference (kernels/fused.py, kernels/paged_attention.py)
+ * rounds, so the results match it to the rounding of the dtype.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
+static inline float ld_bf16(const bf16 *p, int64_t i) {
+    uint32_t u = (uint32_t)p[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float rnd_f32(float x) { return x; }
+static inline bf16 to_bf16(float x) { /* round to nearest even, as torch rounds; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (bf16)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r);
+}
+static inline float rnd_bf16(float x) { /* x rounded to bfloat16, as a float */
+    bf16 b = to_bf16(x);
+    return ld_bf16(&b, 0);
+}
+static inline void st_f32(float *p, int64_t i, float x) { p[i] = x; }
+static inline void st_bf16(bf16 *p, int64_t i, float x) { p[i] = to_bf16(x); }
+
+/* exp in float32, vectorizable (glibc's expf is not, without -ffast-math): Cephes' polynomial on
+ * x - n ln2, scaled by 2^n; within 2 ulp of expf over the float range, 0 below -87.3. */
+static inline float exp_f(float x) {
+    float c = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f; /* round to nearest: 1.5 * 2^23 */
+    float r = c - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float sc;
+    memcpy(&sc, &bits, 4);
+    return x < -87.3f ? 0.f : p * sc;
+}
+
+/* Work below this many elements runs on the calling thread: a fork/join costs more than it saves. */
+#define PAR_MIN 32768
+
+/* ---- RMSNorm, with the residual add before it ------------------------------------------------
+ * x, res, y, s: [T, N] rows at the given strides; w: [N]. s = x + res (rounded to the dtype);
+ * y = w * (s * rsqrt(mean(s^2) + eps)), normalised in float32 and rounded before the weight (as
+ * transformers). res NULL: no add, s unused. */
+#define DEFINE_RMS_NORM(SFX, T)                                                                     \
+    void rms_norm_##SFX(const T *x, int64_t sx, const T *res, int64_t sr, const T *w, T *y,        \
+                        int64_t sy, T *s, int64_t ss, int64_t rows, int64_t n, float eps) {        \
+        _Pragma("omp parallel for schedule(static) if (rows * n >= PAR_MIN)")                      \
+        for (int64_t t = 0; t < rows; t++) {                                                       \
+            float buf[n];                                                                           \
+            float sq = 0.f;                                                                         \
+            if (res) {                                                                              \
+                _Pragma("omp simd reduction(+ : sq)")                                              \
+                for (int64_t i = 0; i < n; i++) {                                                   \
+                    float v = rnd_##SFX(ld_##SFX(x, t * sx + i) + ld_##SFX(res, t * sr + i));       \
+                    st_##SFX(s, t * ss + i, v);                                                     \
+                    buf[i] = v;                                                                     \
+                    sq += v * v;                                                                    \
+                }                                                                                   \
+            } else {                                                                                \
+                _Pragma("omp simd reduction(+ : sq)")                                              \
+                for (int64_t i = 0; i < n; i++) {                                                   \
+                    float v = ld_##SFX(x, t * sx + i);                                              \
+                    buf[i] = v;                                                                     \
+                    sq += v * v;                                                                    \
+                }                                                                                   \
+            }                                                                                       \
+            float inv = 1.f / sqrtf(sq / (float)n + eps);                                           \
+            _Pragma("omp simd")                                                                     \
+            for (int64_t i = 0; i < n; i++)                                                         \
+                st_##SFX(y, t * sy + i, ld_##SFX(w, i) * rnd_##SFX(buf[i] * inv));                  \
+        }                                                                                           \
+    }
+DEFINE_RMS_NORM(f32, float)
+DEFINE_RMS_NORM(bf16, bf16)
+
+/* ---- Rotary embedding of q and k, in place (rotate-half), optional per-head RMSNorm first -----
+ * x: [T, heads, D] with token stride sx and head stride D... given as hs; cos/sin: [T, D]
+ * contiguous. As the reference: x * cos + cat(-x2, x1) * sin, each product rounded to the dtype,
+ * then the sum. */
+#define DEFINE_ROTARY(SFX, T)                                                                       \
+    static void rotary_one_##SFX(T *x, const T *c, const T *sn, const T *w, int64_t d, float eps) { \
+        float v[d];                                                                                 \
+        for (int64_t i = 0; i < d; i++) v[i] = ld_##SFX(x, i);                                      \
+        if (w) {                                                                                    \
+            float sq = 0.f;                                                                         \
+            for (int64_t i = 0; i < d; i++) sq += v[i] * v[i];                                      \
+            float inv = 1.f / sqrtf(sq / (float)d + eps);                                           \
+            for (int64_t i = 0; i < d; i++) v[i] = rnd_##SFX(ld_##SFX(w, i) * rnd_##SFX(v[i] * inv)); \
+        }                                                                                           \
+        int64_t h = d / 2;                                                                          \
+        _Pragma("omp simd")                                                                         \
+        for (int64_t i = 0; i < h; i++) {                                                           \
+            float a = v[i], b = v[i + h];                                                           \
+            st_##SFX(x, i, rnd_##SFX(a * ld_##SFX(c, i)) + rnd_##SFX(-b * ld_##SFX(sn, i)));        \
+            st_##SFX(x, i + h, rnd_##SFX(b * ld_##SFX(c, i + h)) + rnd_##SFX(a * ld_##SFX(sn, i + h))); \
+        }                                                                                           \
+    }                                                                                               \
+    void rotary_qk_##SFX(T *q, int64_t sq, int64_t hq, T *k, int64_t sk, int64_t hk, const T *c,   \
+                         const T *sn, const T *qw, const T *kw, int64_t rows, int64_t nq,          \
+                         int64_t nk, int64_t d, float eps) {                                        \
+        _Pragma("omp parallel for schedule(static) if (rows * (nq + nk) * d >= PAR_MIN)")          \
+        for (int64_t t = 0; t < rows; t++) {                                                        \
+            for (int64_t j = 0; j < nq; j++) rotary_one_##SFX(q + t * sq + j * hq, c + t * d, sn + t * d, qw, d, eps); \
+            for (int64_t j = 0; j < nk; j++) rotary_one_##SFX(k + t * sk + j * hk, c + t * d, sn + t * d, kw, d, eps); \
+        }                                                                                           \
+    }
+DEFINE_ROTARY(f32, float)
+DEFINE_ROTARY(bf16, bf16)
+
+/* ---- SiLU-and-mul ------------------------------------------------------------------------------
+ * gu: [T, 2I] (gate first), row stride sg; y: [T, I] contiguous. silu(gate) rounded, times up. */
+#define DEFINE_SILU_MUL(SFX, T)                                                                     \
+    void silu_and_mul_##SFX(const T *gu, int64_t sg, T *y, int64_t rows, int64_t inter) {           \
+        _Pragma("omp parallel for schedule(static) if (rows * inter >= PAR_MIN)")                  \
+        for (int64_t t = 0; t < rows; t++) {                                                        \
+            const T *g = gu + t * sg, *u = g + inter;                                               \
+            _Pragma("omp simd")                                                                     \
+            for (int64_t i = 0; i < inter; i++) {                                                   \
+                float a = ld_##SFX(g, i);                                                           \
+                st_##SFX(y, t * inter + i, rnd_##SFX(a / (1.f + exp_f(-a))) * ld_##SFX(u, i));       \
+            }                                                                                       \
+        }                                                                                           \
+    }
+DEFINE_SILU_MUL(f32, float)
+DEFINE_SILU_MUL(bf16, bf16)
+
+/* ---- Decode attention over the paged cache -----------------------------------------------------
+ * q: [B, H, D] (token stride sq, head stride D); caches [num_blocks, bs, Hkv, D] contiguous;
+ * tables: [B, table_stride] int32; lens: [B] int32 (tokens in the cache, the new one included);
+ * out: [B, H, D] contiguous. One work item per (sequence, KV head): the group's G query heads
+ * read each K row and each V row once (two passes: scores, then the weighted sum of V), in float32. */
+#define DEFINE_DECODE(SFX, T)                                                                       \
+    GENERIC_LINKAGE void paged_decode_##SFX(const T *q, int64_t sq, const T *kc, const T *vc, const int32_t *tables, \
+                            int64_t table_stride, const int32_t *lens, int64_t batch, int64_t heads, \
+                            int64_t kv_heads, int64_t d, int64_t bs, float scale, T *out) {        \
+        int64_t g = heads / kv_heads, tok = kv_heads * d;                                           \
+        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) if (batch * kv_heads > 1)")     \
+        for (int64_t b = 0; b < batch; b++) {                                                       \
+            for (int64_t h = 0; h < kv_heads; h++) {                                                \
+                int64_t len = lens[b];                                                              \
+                const int32_t *tab = tables + b * table_stride;                                     \
+                float *sc = malloc(sizeof(float) * (size_t)(g * len + g * d + g * d));              \
+                float *qf = sc + g * len, *acc = qf + g * d;                                        \
+                for (int64_t j = 0; j < g; j++)                                                     \
+                    for (int64_t i = 0; i < d; i++) {                                               \
+                        qf[j * d + i] = ld_##SFX(q, b * sq + (h * g + j) * d + i) * scale;          \
+                        acc[j * d + i] = 0.f;                                                       \
+                    }                                                                               \
+                for (int64_t p0 = 0; p0 < len; p0 += bs) {                                          \
+                    const T *kb = kc + (int64_t)tab[p0 / bs] * bs * tok + h * d;                    \
+                    int64_t n = len - p0 < bs ? len - p0 : bs;                                      \
+                    for (int64_t t = 0; t < n; t++)                                                 \
+                        for (int64_t j = 0; j < g; j++) {                                           \
+                            float s = 0.f;                                                          \
+                            _Pragma("omp simd reduction(+ : s)")                                   \
+                            for (int64_t i = 0; i < d; i++) s += qf[j * d + i] * ld_##SFX(kb + t * tok, i); \
+                            sc[j * len + p0 + t] = s;                                               \
+                        }                                                                           \
+                }                                                                                   \
+                for (int64_t j = 0; j < g; j++) {                                                   \
+                    float m = -INFINITY, sum = 0.f, *r = sc + j * len;                              \
+                    _Pragma("omp simd reduction(max : m)") for (int64_t p = 0; p < len; p++) m = r[p] > m ? r[p] : m;                      \
+                    _Pragma("omp simd reduction(+ : sum)")                                         \
+                    for (int64_t p = 0; p < len; p++) {                                             \
+                        r[p] = exp_f(r[p] - m);                                                     \
+                        sum += r[p];                                                                \
+                    }                                                                               \
+                    float inv = 1.f / sum;                                                          \
+                    for (int64_t p = 0; p < len; p++) r[p] *= inv;                                  \
+                }                                                                                   \
+                for (int64_t p0 = 0; p0 < len; p0 += bs) {                                          \
+                    const T *vb = vc + (int64_t)tab[p0 / bs] * bs * tok + h * d;                    \
+                    int64_t n = len - p0 < bs ? len - p0 : bs;                                      \
+                    for (int64_t t = 0; t < n; t++)                                                 \
+                        for (int64_t j = 0; j < g; j++) {                                           \
+                            float pj = sc[j * len + p0 + t], *a = acc + j * d;                      \
+                            _Pragma("omp simd")                                                     \
+                            for (int64_t i = 0; i < d; i++) a[i] += pj * ld_##SFX(vb + t * tok, i); \
+                        }                                                                           \
+                }                                                                                   \
+                for (int64_t j = 0; j < g; j++)                                                     \
+                    for (int64_t i = 0; i < d; i++)                                                 \
+                        st_##SFX(out, (b * heads + h * g + j) * d + i, acc[j * d + i]);             \
+                free(sc);                                                                           \
+            }                                                                                       \
+        }                                                                                           \
+    }
+#ifdef __AVX512F__ /* the generic loop is the AVX-512 path's fallback for other shapes */
+#define GENERIC_LINKAGE static
+#define paged_decode_f32 paged_decode_generic_f32
+#define paged_decode_bf16 paged_decode_generic_bf16
+#else /* it is the kernel */
+#define GENERIC_LINKAGE
+#endif
+DEFINE_DECODE(f32, float)
+DEFINE_DECODE(bf16, bf16)
+#undef paged_decode_f32
+#undef paged_decode_bf16
+
+#ifdef __AVX512F__
+/* The same with AVX-512 for the usual shapes (head_dim 64 or 128; a GQA group of 1, 2, 4 or 8):
+ * the group's queries and the running output stay in registers, each K and V row is loaded once
+ * per group. */
+#include <immintrin.h>
+#include <omp.h>
+static inline __m512 v_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 v_bf16(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#define DEFINE_DECODE_ITEM(SFX, T, D, G)                                                            \
+    static void decode_item_##SFX##_##D##_##G(const T *q, const T *kc, const T *vc, const int32_t *tab, \
+                                               int64_t len, int64_t tok, int64_t bs, float scale,   \
+                                               float *sc, T *out) {                                 \
+        enum { C = D / 16 };                                                                        \
+        __m512 qv[G][C], acc[G][C];                                                                 \
+        for (int j = 0; j < G; j++)                                                                 \
+            for (int c = 0; c < C; c++) {                                                           \
+                float tmp[16];                                                                      \
+                for (int i = 0; i < 16; i++) tmp[i] = ld_##SFX(q, j * D + c * 16 + i) * scale;      \
+                qv[j][c] = _mm512_loadu_ps(tmp);                                                    \
+                acc[j][c] = _mm512_setzero_ps();                                                    \
+            }                                                                                       \
+        for (int64_t p0 = 0; p0 < len; p0 += bs) {                                                  \
+            const T *kb = kc + (int64_t)tab[p0 / bs] * bs * tok;                                    \
+            int64_t n = len - p0 < bs ? len - p0 : bs;                                              \
+            for (int64_t t = 0; t < n; t++) {                                                       \
+                __m512 kv[C];                                                                       \
+                for (int c = 0; c < C; c++) kv[c] = v_##SFX(kb + t * tok + c * 16);                 \
+                for (int j = 0; j < G; j++) {                                                       \
+                    __m512 s = _mm512_mul_ps(qv[j][0], kv[0]);                                      \
+                    for (int c = 1; c < C; c++) s = _mm512_fmadd_ps(qv[j][c], kv[c], s);            \
+                    sc[j * len + p0 + t] = _mm512_reduce_add_ps(s);                                 \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int j = 0; j < G; j++) {                                                               \
+            float m = -INFINITY, sum = 0.f, *r = sc + j * len;                                      \
+            for (int64_t p = 0; p < len; p++) m = r[p] > m ? r[p] : m;                              \
+            _Pragma("omp simd reduction(+ : sum)")                                                 \
+            for (int64_t p = 0; p < len; p++) {                                                     \
+                r[p] = exp_f(r[p] - m);                                                             \
+                sum += r[p];                                                                        \
+            }                                                                                       \
+            float inv = 1.f / sum;                                                                  \
+            _Pragma("omp simd")                                                                     \
+            for (int64_t p = 0; p < len; p++) r[p] *= inv;                                          \
+        }                                                                                           \
+        for (int64_t p0 = 0; p0 < len; p0 += bs) {                                                  \
+            const T *vb = vc + (int64_t)tab[p0 / bs] * bs * tok;                                    \
+            int64_t n = len - p0 < bs ? len - p0 : bs;                                              \
+            for (int64_t t = 0; t < n; t++) {                                                       \
+                __m512 vv[C];                                                                       \
+                for (int c = 0; c < C; c++) vv[c] = v_##SFX(vb + t * tok + c * 16);                 \
+                for (int j = 0; j < G; j++) {                                                       \
+                    __m512 pj = _mm512_set1_ps(sc[j * len + p0 + t]);                               \
+                    for (int c = 0; c < C; c++) acc[j][c] = _mm512_fmadd_ps(pj, vv[c], acc[j][c]);  \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int j = 0; j < G; j++)                                                                 \
+            for (int c = 0; c < C; c++) {                                                           \
+                float tmp[16];                                                                      \
+                _mm512_storeu_ps(tmp, acc[j][c]);                                                   \
+                for (int i = 0; i < 16; i++) st_##SFX(out, j * D + c * 16 + i, tmp[i]);             \
+            }                                                                                       \
+    }
+#define DEFINE_DECODE_ITEMS(SFX, T, D)                                                              \
+    DEFINE_DECODE_ITEM(SFX, T, D, 1) DEFINE_DECODE_ITEM(SFX, T, D, 2) DEFINE_DECODE_ITEM(SFX, T, D, 4) \
+    DEFINE_DECODE_ITEM(SFX, T, D, 8)
+DEFINE_DECODE_ITEMS(f32, float, 64)
+DEFINE_DECODE_ITEMS(f32, float, 128)
+DEFINE_DECODE_ITEMS(bf16, bf16, 64)
+DEFINE_DECODE_ITEMS(bf16, bf16, 128)
+#define ITEM_CASE(SFX, D, G) if (d == D && g == G) fn = decode_item_##SFX##_##D##_##G;
+#define DEFINE_DECODE_FAST(SFX, T)                                                                  \
+    void paged_decode_##SFX(const T *q, int64_t sq, const T *kc, const T *vc, const int32_t *tables, \
+                            int64_t table_stride, const int32_t *lens, int64_t batch, int64_t heads, \
+                            int64_t kv_heads, int64_t d, int64_t bs, float scale, T *out) {        \
+        int64_t g = heads / kv_heads, tok = kv_heads * d;                                           \
+        void (*fn)(const T *, const T *, const T *, const int32_t *, int64_t, int64_t, int64_t, float, float *, T *) = 0; \
+        ITEM_CASE(SFX, 64, 1) ITEM_CASE(SFX, 64, 2) ITEM_CASE(SFX, 64, 4) ITEM_CASE(SFX, 64, 8)     \
+        ITEM_CASE(SFX, 128, 1) ITEM_CASE(SFX, 128, 2) ITEM_CASE(SFX, 128, 4) ITEM_CASE(SFX, 128, 8) \
+        if (!fn) {                                                                                  \
+            paged_decode_generic_##SFX(q, sq, kc, vc, tables, table_stride, lens, batch, heads, kv_heads, d, bs, scale, out); \
+            return;                                                                                 \
+        }                                                                                           \
+        /* a work item per sequence, its KV heads one after another (a head's rows are interleaved   \
+         * with the others' in each cache block: the later heads find them in the cache); per       \
+         * (sequence, head) when there are fewer sequences than threads. */                         \
+        int64_t split = batch < 2 * omp_get_max_threads() ? kv_heads : 1, hn = kv_heads / split;     \
+        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) if (batch * split > 1)")        \
+        for (int64_t b = 0; b < batch; b++)                                                         \
+            for (int64_t s = 0; s < split; s++) {                                                   \
+                float *sc = malloc(sizeof(float) * (size_t)(g * lens[b]));                          \
+                for (int64_t h = s * hn; h < (s + 1) * hn; h++)                                     \
+                    fn(q + b * sq + h * g * d, kc + h * d, vc + h * d, tables + b * table_stride, lens[b], tok, bs, \
+                       scale, sc, out + (b * heads + h * g) * d);                                   \
+                free(sc);                                                                           \
+            }                                                                                       \
+    }
+DEFINE_DECODE_FAST(f32, float)
+DEFINE_DECODE_FAST(bf16, bf16)
+#endif
