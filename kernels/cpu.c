@@ -321,4 +321,148 @@ DEFINE_DECODE_ITEMS(bf16, bf16, 128)
     }
 DEFINE_DECODE_FAST(f32, float)
 DEFINE_DECODE_FAST(bf16, bf16)
+/* ---- Prefill attention (causal), AVX-512 ------------------------------------------------------
+ * One prompt chunk: q [Lq, H, D] at the last Lq positions of k/v [Lk, Hkv, D] (token strides
+ * sq/sk/sv, heads contiguous), out [Lq, H, D] at token stride so. Flash attention in float32: K is
+ * transposed (and V converted) once per KV head; a work item is a KV head's tile of 128 query rows
+ * (the GQA group's rows share its K/V); within it, blocks of 8 rows take 32 keys at a time: scores
+ * as outer products in 16 registers, an online softmax, then the weighted V rows into the block's
+ * output. Returns 0 for a head_dim it has no form for (the caller takes torch's path). */
+static inline __m512 exp512(__m512 x) {
+    __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(c, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_add_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps(~low, p, _mm512_castsi512_ps(e));
+}
+
+#define PF_RB 8    /* query rows per block */
+#define PF_KC 32   /* keys per step */
+#define PF_TILE 128 /* query rows per work item */
+#define DEFINE_PREFILL(SFX, T, D)                                                                   \
+    static void prefill_##SFX##_##D(const T *q, int64_t sq, const T *k, int64_t sk, const T *v,      \
+                                    int64_t sv, int64_t lq, int64_t lk, int64_t heads, int64_t kv_heads, \
+                                    float scale, T *out, int64_t so) {                              \
+        enum { C = D / 16 };                                                                        \
+        int64_t g = heads / kv_heads, offset = lk - lq, lkp = (lk + PF_KC - 1) / PF_KC * PF_KC;     \
+        float *kt = aligned_alloc(64, sizeof(float) * (size_t)(kv_heads * D * lkp + 16));           \
+        float *vf = aligned_alloc(64, sizeof(float) * (size_t)(kv_heads * lkp * D + 16));           \
+        _Pragma("omp parallel for collapse(2) schedule(static)")                                   \
+        for (int64_t h = 0; h < kv_heads; h++)                                                      \
+            for (int64_t j0 = 0; j0 < lkp; j0 += PF_KC)                                             \
+                for (int64_t j = j0; j < j0 + PF_KC; j++)                                           \
+                    for (int64_t i = 0; i < D; i++) {                                               \
+                        kt[(h * D + i) * lkp + j] = j < lk ? ld_##SFX(k, j * sk + h * D + i) : 0.f;  \
+                        vf[(h * lkp + j) * D + i] = j < lk ? ld_##SFX(v, j * sv + h * D + i) : 0.f;  \
+                    }                                                                               \
+        int64_t rows = lq * g, tiles = (rows + PF_TILE - 1) / PF_TILE;                              \
+        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                               \
+        for (int64_t h = 0; h < kv_heads; h++)                                                      \
+            for (int64_t tile = 0; tile < tiles; tile++) {                                          \
+                int64_t tile_end = (tile + 1) * PF_TILE < rows ? (tile + 1) * PF_TILE : rows;       \
+                for (int64_t r0 = tile * PF_TILE; r0 < tile_end; r0 += PF_RB) {                     \
+                    float qp[PF_RB][D] __attribute__((aligned(64)));                                \
+                    float o[PF_RB][D] __attribute__((aligned(64)));                                 \
+                    float pr[PF_RB][PF_KC] __attribute__((aligned(64)));                            \
+                    float m[PF_RB], l[PF_RB], corr[PF_RB];                                          \
+                    int64_t lim[PF_RB], kend = 0;                                                   \
+                    for (int rr = 0; rr < PF_RB; rr++) {                                            \
+                        int64_t r = r0 + rr, t = r / g, jj = r % g;                                 \
+                        lim[rr] = r < tile_end ? offset + t : 0;                                    \
+                        kend = lim[rr] + 1 > kend ? lim[rr] + 1 : kend;                             \
+                        for (int i = 0; i < D; i++) {                                               \
+                            qp[rr][i] = r < tile_end ? ld_##SFX(q, t * sq + (h * g + jj) * D + i) * scale : 0.f; \
+                            o[rr][i] = 0.f;                                                         \
+                        }                                                                           \
+                        m[rr] = -INFINITY;                                                          \
+                        l[rr] = 0.f;                                                                \
+                    }                                                                               \
+                    const float *ktr = kt + h * D * lkp, *vfr = vf + h * lkp * D;                   \
+                    for (int64_t j0 = 0; j0 < kend; j0 += PF_KC) {                                  \
+                        __m512 s[PF_RB][2];                                                         \
+                        for (int rr = 0; rr < PF_RB; rr++) s[rr][0] = s[rr][1] = _mm512_setzero_ps(); \
+                        for (int i = 0; i < D; i++) {                                               \
+                            __m512 k0 = _mm512_load_ps(ktr + i * lkp + j0);                         \
+                            __m512 k1 = _mm512_load_ps(ktr + i * lkp + j0 + 16);                    \
+                            for (int rr = 0; rr < PF_RB; rr++) {                                    \
+                                __m512 qb = _mm512_set1_ps(qp[rr][i]);                              \
+                                s[rr][0] = _mm512_fmadd_ps(qb, k0, s[rr][0]);                       \
+                                s[rr][1] = _mm512_fmadd_ps(qb, k1, s[rr][1]);                       \
+                            }                                                                       \
+                        }                                                                           \
+                        for (int rr = 0; rr < PF_RB; rr++) {                                        \
+                            int64_t see = lim[rr] - j0 + 1; /* keys of this step the row sees */    \
+                            if (see < PF_KC) {                                                      \
+                                __mmask16 m0 = see >= 16 ? 0xffff : see <= 0 ? 0 : (__mmask16)((1u << see) - 1); \
+                                __mmask16 m1 = see >= 32 ? 0xffff : see <= 16 ? 0 : (__mmask16)((1u << (see - 16)) - 1); \
+                                s[rr][0] = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[rr][0]); \
+                                s[rr][1] = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[rr][1]); \
+                            }                                                                       \
+                            float mx = _mm512_reduce_max_ps(_mm512_max_ps(s[rr][0], s[rr][1]));    \
+                            float mn = mx > m[rr] ? mx : m[rr];                                     \
+                            corr[rr] = exp_f(m[rr] - mn);                                           \
+                            __m512 mv = _mm512_set1_ps(mn);                                         \
+                            __m512 p0 = exp512(_mm512_sub_ps(s[rr][0], mv)), p1 = exp512(_mm512_sub_ps(s[rr][1], mv)); \
+                            l[rr] = l[rr] * corr[rr] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)); \
+                            m[rr] = mn;                                                             \
+                            _mm512_store_ps(pr[rr], p0);                                            \
+                            _mm512_store_ps(pr[rr] + 16, p1);                                       \
+                        }                                                                           \
+                        for (int rq = 0; rq < PF_RB; rq += 4) {                                     \
+                            __m512 acc[4][C];                                                       \
+                            for (int a = 0; a < 4; a++) {                                           \
+                                __m512 cv = _mm512_set1_ps(corr[rq + a]);                           \
+                                for (int c = 0; c < C; c++) acc[a][c] = _mm512_mul_ps(_mm512_load_ps(o[rq + a] + c * 16), cv); \
+                            }                                                                       \
+                            for (int jj = 0; jj < PF_KC; jj++) {                                    \
+                                const float *vr = vfr + (j0 + jj) * D;                              \
+                                __m512 vv[C];                                                       \
+                                for (int c = 0; c < C; c++) vv[c] = _mm512_load_ps(vr + c * 16);    \
+                                for (int a = 0; a < 4; a++) {                                       \
+                                    __m512 pb = _mm512_set1_ps(pr[rq + a][jj]);                     \
+                                    for (int c = 0; c < C; c++) acc[a][c] = _mm512_fmadd_ps(pb, vv[c], acc[a][c]); \
+                                }                                                                   \
+                            }                                                                       \
+                            for (int a = 0; a < 4; a++)                                             \
+                                for (int c = 0; c < C; c++) _mm512_store_ps(o[rq + a] + c * 16, acc[a][c]); \
+                        }                                                                           \
+                    }                                                                               \
+                    for (int rr = 0; rr < PF_RB && r0 + rr < tile_end; rr++) {                      \
+                        int64_t r = r0 + rr, t = r / g, jj = r % g;                                 \
+                        float inv = 1.f / l[rr];                                                    \
+                        for (int i = 0; i < D; i++) st_##SFX(out, t * so + (h * g + jj) * D + i, o[rr][i] * inv); \
+                    }                                                                               \
+                }                                                                               \
+            }                                                                                       \
+        free(kt);                                                                                   \
+        free(vf);                                                                                   \
+    }
+DEFINE_PREFILL(f32, float, 64)
+DEFINE_PREFILL(f32, float, 128)
+DEFINE_PREFILL(bf16, bf16, 64)
+DEFINE_PREFILL(bf16, bf16, 128)
+#define DEFINE_PREFILL_ENTRY(SFX, T)                                                                \
+    int prefill_attention_##SFX(const T *q, int64_t sq, const T *k, int64_t sk, const T *v, int64_t sv, \
+                                int64_t lq, int64_t lk, int64_t heads, int64_t kv_heads, int64_t d, \
+                                float scale, T *out, int64_t so) {                                  \
+        if (d == 64) prefill_##SFX##_64(q, sq, k, sk, v, sv, lq, lk, heads, kv_heads, scale, out, so); \
+        else if (d == 128) prefill_##SFX##_128(q, sq, k, sk, v, sv, lq, lk, heads, kv_heads, scale, out, so); \
+        else return 0;                                                                              \
+        return 1;                                                                                   \
+    }
+DEFINE_PREFILL_ENTRY(f32, float)
+DEFINE_PREFILL_ENTRY(bf16, bf16)
+#else
+int prefill_attention_f32(void) { return 0; } /* no AVX-512: torch's path */
+int prefill_attention_bf16(void) { return 0; }
 #endif

@@ -40,7 +40,9 @@ SIGNATURES = {
     "rotary_qk": [P, I64, I64, P, I64, I64, P, P, P, P, I64, I64, I64, I64, F32],
     "silu_and_mul": [P, I64, P, I64, I64],
     "paged_decode": [P, I64, P, P, P, I64, P, I64, I64, I64, I64, I64, F32, P],
+    "prefill_attention": [P, I64, P, I64, P, I64, I64, I64, I64, I64, I64, F32, P, I64],
 }
+RESTYPES = {"prefill_attention": ctypes.c_int}
 
 
 def _cpu_flags() -> str:
@@ -95,7 +97,7 @@ def lib() -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         for sfx in DTYPES.values():
             fn = getattr(so, f"{name}_{sfx}")
-            fn.argtypes, fn.restype = args, None
+            fn.argtypes, fn.restype = args, RESTYPES.get(name)
     return so
 
 
@@ -174,3 +176,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if out is not None and res is not out:
         out.copy_(res)
     return res
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor) -> bool:
+    """Causal attention of one prompt chunk, as attention._causal_attention: q [Lq, H, D] at the last
+    Lq positions of k/v [Lk, Hkv, D], written into out [Lq, H, D] (rows may be strided; each
+    token's heads contiguous). False, with nothing written, for a head_dim or CPU it has no form
+    for (AVX-512, head_dim 64 or 128)."""
+    lq, h, d = q.shape
+    lk, hkv = k.shape[:2]
+    if not all(x.stride(2) == 1 and x.stride(1) == d for x in (q, k, v, out)) or lq > lk or not lq:
+        return False
+    return bool(_fn("prefill_attention", q)(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
+                                            v.stride(0), lq, lk, h, hkv, d, scale, out.data_ptr(), out.stride(0)))

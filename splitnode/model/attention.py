@@ -5,9 +5,9 @@ then prefill chunks. Metadata travels in an explicit `AttentionContext` handed d
 call, never through a module-level global.
 
 On CUDA the decodes go through the paged decode kernel, writing into the layer's output, and every
-prefill chunk through one paged prefill launch. On the CPU the decodes go through the C kernel of
-kernels/cpu.c over the paged cache (the decode mirror where it is not built), and prefill chunks
-through torch's batched GEMMs.
+prefill chunk through one paged prefill launch. On the CPU the decodes and prefill chunks go through the C
+kernels of kernels/cpu.c (decode over the paged cache, prefill as flash attention), and where they
+are not built through the decode mirror and torch's batched GEMMs.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def attention(
         kv_slots, meta, max_q_len = _prefill_meta(ctx)
         paged_prefill_attention_triton(q, k_cache, v_cache, kv_slots, meta, max_q_len, scale, out)
     elif ctx.prefills:
+        c_kernel = cpu_kernels.supports(q)
         for chunk in ctx.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             if chunk.slots is None:  # the whole context is in this batch: use it as computed
@@ -105,7 +106,8 @@ def attention(
             else:
                 ks = k_cache.flatten(0, 1).index_select(0, chunk.slots)
                 vs = v_cache.flatten(0, 1).index_select(0, chunk.slots)
-            out[rows] = _causal_attention(q[rows], ks, vs, scale)
+            if not (c_kernel and cpu_kernels.prefill_attention(q[rows], ks, vs, scale, out[rows])):
+                out[rows] = _causal_attention(q[rows], ks, vs, scale)
     return out.view(num_tokens, num_heads * head_dim)
 
 
