@@ -451,6 +451,124 @@ DEFINE_PREFILL(f32, float, 64)
 DEFINE_PREFILL(f32, float, 128)
 DEFINE_PREFILL(bf16, bf16, 64)
 DEFINE_PREFILL(bf16, bf16, 128)
+#ifdef __AVX512BF16__
+/* bfloat16 on a CPU that multiplies it (AVX512-BF16): the same loop with both products as
+ * vdpbf16ps, two bf16 products summed into each float32 lane per instruction. K is laid out in
+ * pairs along D and V in pairs of keys; the scores stay float32 and are scaled after; the softmax
+ * weights are rounded to bfloat16 for the second product, as torch's bfloat16 path rounds them. */
+#define DEFINE_PREFILL_DP(D)                                                                        \
+    static void prefill_dp_##D(const bf16 *q, int64_t sq, const bf16 *k, int64_t sk, const bf16 *v,  \
+                               int64_t sv, int64_t lq, int64_t lk, int64_t heads, int64_t kv_heads,  \
+                               float scale, bf16 *out, int64_t so) {                                \
+        enum { C = D / 16, D2 = D / 2 };                                                            \
+        int64_t g = heads / kv_heads, offset = lk - lq, lkp = (lk + PF_KC - 1) / PF_KC * PF_KC;     \
+        uint32_t *kt = aligned_alloc(64, 4 * (size_t)(kv_heads * D2 * lkp + 16));  /* [Hkv][D/2][lkp] */ \
+        uint32_t *vp = aligned_alloc(64, 4 * (size_t)(kv_heads * (lkp / 2) * D + 16)); /* [Hkv][lkp/2][D] */ \
+        _Pragma("omp parallel for collapse(2) schedule(static)")                                   \
+        for (int64_t h = 0; h < kv_heads; h++)                                                      \
+            for (int64_t j0 = 0; j0 < lkp; j0 += PF_KC) {                                           \
+                for (int64_t j = j0; j < j0 + PF_KC; j++)                                           \
+                    for (int64_t i = 0; i < D2; i++) {                                              \
+                        const bf16 *kr = k + j * sk + h * D + 2 * i;                                \
+                        kt[(h * D2 + i) * lkp + j] = j < lk ? (uint32_t)kr[0] | (uint32_t)kr[1] << 16 : 0u; \
+                    }                                                                               \
+                for (int64_t j = j0; j < j0 + PF_KC; j += 2)                                        \
+                    for (int64_t i = 0; i < D; i++) {                                               \
+                        uint32_t a = j < lk ? v[j * sv + h * D + i] : 0, b = j + 1 < lk ? v[(j + 1) * sv + h * D + i] : 0; \
+                        vp[(h * (lkp / 2) + j / 2) * D + i] = a | b << 16;                          \
+                    }                                                                               \
+            }                                                                                       \
+        int64_t rows = lq * g, tiles = (rows + PF_TILE - 1) / PF_TILE;                              \
+        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                               \
+        for (int64_t h = 0; h < kv_heads; h++)                                                      \
+            for (int64_t tile = 0; tile < tiles; tile++) {                                          \
+                int64_t tile_end = (tile + 1) * PF_TILE < rows ? (tile + 1) * PF_TILE : rows;       \
+                for (int64_t r0 = tile * PF_TILE; r0 < tile_end; r0 += PF_RB) {                     \
+                    uint32_t qp[PF_RB][D2];                                                         \
+                    float o[PF_RB][D] __attribute__((aligned(64)));                                 \
+                    bf16 pr[PF_RB][PF_KC] __attribute__((aligned(64)));                             \
+                    float m[PF_RB], l[PF_RB], corr[PF_RB];                                          \
+                    int64_t lim[PF_RB], kend = 0;                                                   \
+                    for (int rr = 0; rr < PF_RB; rr++) {                                            \
+                        int64_t r = r0 + rr, t = r / g, jj = r % g;                                 \
+                        lim[rr] = r < tile_end ? offset + t : 0;                                    \
+                        kend = lim[rr] + 1 > kend ? lim[rr] + 1 : kend;                             \
+                        const bf16 *qr = q + t * sq + (h * g + jj) * D;                             \
+                        for (int i = 0; i < D2; i++)                                                \
+                            qp[rr][i] = r < tile_end ? (uint32_t)qr[2 * i] | (uint32_t)qr[2 * i + 1] << 16 : 0u; \
+                        for (int i = 0; i < D; i++) o[rr][i] = 0.f;                                 \
+                        m[rr] = -INFINITY;                                                          \
+                        l[rr] = 0.f;                                                                \
+                    }                                                                               \
+                    const uint32_t *ktr = kt + h * D2 * lkp, *vpr = vp + h * (lkp / 2) * D;         \
+                    __m512 sc = _mm512_set1_ps(scale);                                              \
+                    for (int64_t j0 = 0; j0 < kend; j0 += PF_KC) {                                  \
+                        __m512 s[PF_RB][2];                                                         \
+                        for (int rr = 0; rr < PF_RB; rr++) s[rr][0] = s[rr][1] = _mm512_setzero_ps(); \
+                        for (int i = 0; i < D2; i++) {                                              \
+                            __m512bh k0 = (__m512bh)_mm512_load_si512(ktr + i * lkp + j0);          \
+                            __m512bh k1 = (__m512bh)_mm512_load_si512(ktr + i * lkp + j0 + 16);     \
+                            for (int rr = 0; rr < PF_RB; rr++) {                                    \
+                                __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[rr][i]);          \
+                                s[rr][0] = _mm512_dpbf16_ps(s[rr][0], qb, k0);                      \
+                                s[rr][1] = _mm512_dpbf16_ps(s[rr][1], qb, k1);                      \
+                            }                                                                       \
+                        }                                                                           \
+                        for (int rr = 0; rr < PF_RB; rr++) {                                        \
+                            s[rr][0] = _mm512_mul_ps(s[rr][0], sc);                                 \
+                            s[rr][1] = _mm512_mul_ps(s[rr][1], sc);                                 \
+                            int64_t see = lim[rr] - j0 + 1;                                         \
+                            if (see < PF_KC) {                                                      \
+                                __mmask16 m0 = see >= 16 ? 0xffff : see <= 0 ? 0 : (__mmask16)((1u << see) - 1); \
+                                __mmask16 m1 = see >= 32 ? 0xffff : see <= 16 ? 0 : (__mmask16)((1u << (see - 16)) - 1); \
+                                s[rr][0] = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[rr][0]); \
+                                s[rr][1] = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[rr][1]); \
+                            }                                                                       \
+                            float mx = _mm512_reduce_max_ps(_mm512_max_ps(s[rr][0], s[rr][1]));    \
+                            float mn = mx > m[rr] ? mx : m[rr];                                     \
+                            corr[rr] = exp_f(m[rr] - mn);                                           \
+                            __m512 mv = _mm512_set1_ps(mn);                                         \
+                            __m512 p0 = exp512(_mm512_sub_ps(s[rr][0], mv)), p1 = exp512(_mm512_sub_ps(s[rr][1], mv)); \
+                            l[rr] = l[rr] * corr[rr] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)); \
+                            m[rr] = mn;                                                             \
+                            _mm512_store_si512(pr[rr], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));       \
+                        }                                                                           \
+                        for (int rq = 0; rq < PF_RB; rq += 4) {                                     \
+                            __m512 acc[4][C];                                                       \
+                            for (int a = 0; a < 4; a++) {                                           \
+                                __m512 cv = _mm512_set1_ps(corr[rq + a]);                           \
+                                for (int c = 0; c < C; c++) acc[a][c] = _mm512_mul_ps(_mm512_load_ps(o[rq + a] + c * 16), cv); \
+                            }                                                                       \
+                            for (int j2 = 0; j2 < PF_KC / 2; j2++) {                                \
+                                const uint32_t *vr = vpr + (j0 / 2 + j2) * D;                       \
+                                __m512bh vv[C];                                                     \
+                                for (int c = 0; c < C; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vr + c * 16); \
+                                for (int a = 0; a < 4; a++) {                                       \
+                                    uint32_t pp;                                                    \
+                                    memcpy(&pp, &pr[rq + a][2 * j2], 4);                            \
+                                    __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pp);             \
+                                    for (int c = 0; c < C; c++) acc[a][c] = _mm512_dpbf16_ps(acc[a][c], pb, vv[c]); \
+                                }                                                                   \
+                            }                                                                       \
+                            for (int a = 0; a < 4; a++)                                             \
+                                for (int c = 0; c < C; c++) _mm512_store_ps(o[rq + a] + c * 16, acc[a][c]); \
+                        }                                                                           \
+                    }                                                                               \
+                    for (int rr = 0; rr < PF_RB && r0 + rr < tile_end; rr++) {                      \
+                        int64_t r = r0 + rr, t = r / g, jj = r % g;                                 \
+                        float inv = 1.f / l[rr];                                                    \
+                        for (int i = 0; i < D; i++) st_bf16(out, t * so + (h * g + jj) * D + i, o[rr][i] * inv); \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        free(kt);                                                                                   \
+        free(vp);                                                                                   \
+    }
+DEFINE_PREFILL_DP(64)
+DEFINE_PREFILL_DP(128)
+#define prefill_bf16_64 prefill_dp_64
+#define prefill_bf16_128 prefill_dp_128
+#endif
 #define DEFINE_PREFILL_ENTRY(SFX, T)                                                                \
     int prefill_attention_##SFX(const T *q, int64_t sq, const T *k, int64_t sk, const T *v, int64_t sv, \
                                 int64_t lq, int64_t lk, int64_t heads, int64_t kv_heads, int64_t d, \

@@ -108,6 +108,34 @@ def test_decode_attention_work_split_for_a_batch_of_one():
                                paged_decode_attention_ref(q, kc, vc, tables, lens, 0.125), atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq,lk,h,hkv,d", [(1, 1, 8, 2, 64), (7, 7, 8, 2, 64), (300, 300, 8, 2, 64),  # whole prompts
+                                           (33, 90, 8, 2, 64), (5, 40, 16, 2, 64),  # a chunk after earlier ones
+                                           (130, 130, 6, 2, 64), (200, 260, 4, 4, 128), (40, 40, 2, 1, 128)])
+def test_prefill_attention(dtype, lq, lk, h, hkv, d):
+    """Against the torch path (tiled GEMMs) in float32; rows of 8 cross tokens when the group is 6,
+    tiles of 128 rows split a prompt, masks cut the last 32-key step anywhere."""
+    from splitnode.model.attention import _causal_attention_cpu
+
+    qkv = rand(lk, (h + 2 * hkv) * d, dtype=dtype, scale=2)  # the layer's strided views
+    q = qkv[lk - lq:, :h * d].view(lq, h, d)
+    k, v = (t.view(lk, hkv, d) for t in qkv[:, h * d:].split(hkv * d, dim=-1))
+    out = torch.full((lq + 2, h, d), float("nan"), dtype=dtype)  # rows of a larger batch
+    assert cpu.prefill_attention(q, k, v, d ** -0.5, out[1:-1])
+    want = _causal_attention_cpu(q.float(), k.float(), v.float(), d ** -0.5)
+    assert out[0].isnan().all() and out[-1].isnan().all()  # nothing written outside its rows
+    if dtype == torch.bfloat16:  # bf16 products of bf16 inputs, weights rounded to bf16, as torch's bf16 path
+        torch.testing.assert_close(out[1:-1].float(), want, atol=1.5e-2, rtol=1.5e-2)
+    else:
+        torch.testing.assert_close(out[1:-1], want, atol=2e-6, rtol=2e-5)
+
+
+def test_prefill_attention_declines_a_head_dim_it_has_no_form_for():
+    q, k = torch.randn(4, 4, 32), torch.randn(4, 2, 32)
+    out = torch.zeros(4, 4, 32)
+    assert not cpu.prefill_attention(q, k, k, 0.2, out) and not out.any()
+
+
 def test_build_is_cached_and_a_bad_compiler_is_one_line(tmp_path, monkeypatch):
     first = cpu.build(tmp_path)
     assert first.exists() and cpu.build(tmp_path) == first  # the second finds the cached build
