@@ -243,10 +243,13 @@ static inline __m512 v_bf16(const bf16 *p) {
             }                                                                                       \
         for (int64_t p0 = 0; p0 < len; p0 += bs) {                                                  \
             const T *kb = kc + (int64_t)tab[p0 / bs] * bs * tok;                                    \
+            const T *kb_next = p0 + bs < len ? kc + (int64_t)tab[p0 / bs + 1] * bs * tok : kb;      \
             int64_t n = len - p0 < bs ? len - p0 : bs;                                              \
             for (int64_t t = 0; t < n; t++) {                                                       \
                 __m512 kv[C];                                                                       \
                 for (int c = 0; c < C; c++) kv[c] = v_##SFX(kb + t * tok + c * 16);                 \
+                for (int c = 0; c < (int)(C * sizeof(T) * 16); c += 64) /* the next block's row, ahead */ \
+                    _mm_prefetch((const char *)(kb_next + t * tok) + c, _MM_HINT_T0);                   \
                 for (int j = 0; j < G; j++) {                                                       \
                     __m512 s = _mm512_mul_ps(qv[j][0], kv[0]);                                      \
                     for (int c = 1; c < C; c++) s = _mm512_fmadd_ps(qv[j][c], kv[c], s);            \
@@ -268,10 +271,13 @@ static inline __m512 v_bf16(const bf16 *p) {
         }                                                                                           \
         for (int64_t p0 = 0; p0 < len; p0 += bs) {                                                  \
             const T *vb = vc + (int64_t)tab[p0 / bs] * bs * tok;                                    \
+            const T *vb_next = p0 + bs < len ? vc + (int64_t)tab[p0 / bs + 1] * bs * tok : vb;      \
             int64_t n = len - p0 < bs ? len - p0 : bs;                                              \
             for (int64_t t = 0; t < n; t++) {                                                       \
                 __m512 vv[C];                                                                       \
                 for (int c = 0; c < C; c++) vv[c] = v_##SFX(vb + t * tok + c * 16);                 \
+                for (int c = 0; c < (int)(C * sizeof(T) * 16); c += 64) /* the next block's row, ahead */ \
+                    _mm_prefetch((const char *)(vb_next + t * tok) + c, _MM_HINT_T0);                   \
                 for (int j = 0; j < G; j++) {                                                       \
                     __m512 pj = _mm512_set1_ps(sc[j * len + p0 + t]);                               \
                     for (int c = 0; c < C; c++) acc[j][c] = _mm512_fmadd_ps(pj, vv[c], acc[j][c]);  \
