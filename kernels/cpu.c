@@ -334,22 +334,21 @@ DEFINE_DECODE_FAST(bf16, bf16)
  * (the GQA group's rows share its K/V); within it, blocks of 8 rows take 32 keys at a time: scores
  * as outer products in 16 registers, an online softmax, then the weighted V rows into the block's
  * output. Returns 0 for a head_dim it has no form for (the caller takes torch's path). */
-static inline __m512 exp512(__m512 x) {
-    __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+static inline __m512 exp512(__m512 x) { /* exp_f's polynomial with FMAs, scaled by 2^n in one vscalefps */
+    __m512 c = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(c, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_add_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
     __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-    return _mm512_maskz_mul_ps(~low, p, _mm512_castsi512_ps(e));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ); /* NaN: not kept, 0 */
+    return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 #define PF_RB 8    /* query rows per block */
@@ -590,3 +589,102 @@ DEFINE_PREFILL_ENTRY(bf16, bf16)
 int prefill_attention_f32(void) { return 0; } /* no AVX-512: torch's path */
 int prefill_attention_bf16(void) { return 0; }
 #endif
+
+/* ---- Sampling: rows without top-k or top-p -----------------------------------------------------
+ * x: float32 logits [m, V] at row stride sx; per row its temperature, min_p and target u in [0, 1).
+ * The draw is the inverse CDF in vocabulary order, as sampling._draw_plain: the first id whose
+ * cumulative probability passes u. One read of the row: per block of 256 ids its maximum and its sum
+ * of exp((x - block max) / t), the block read again from L1; the row's total from the blocks; the
+ * block the target falls in, then the id inside it. min_p (the ids below min_p times the most
+ * likely one's probability dropped) needs the row's maximum first: a second read. out: the id, or
+ * -1 for a row without finite positive mass (NaN or inf in it). */
+#define SAMPLE_BLOCK 256
+void sample_plain(const float *x, int64_t sx, int64_t m, int64_t vocab, const float *temp, const float *min_p,
+                  const double *u, int64_t *out) {
+    _Pragma("omp parallel for schedule(dynamic, 1) if (m > 1)")
+    for (int64_t r = 0; r < m; r++) {
+        const float *row = x + r * sx;
+        float inv_t = 1.f / temp[r];
+        int64_t nb = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+        float *bmax = malloc(sizeof(float) * 2 * (size_t)nb), *bsum = bmax + nb;
+        float floor_logit = -INFINITY; /* x below it: under min_p */
+        if (min_p[r] > 0.f) {
+            float mx = -INFINITY;
+            _Pragma("omp simd reduction(max : mx)")
+            for (int64_t i = 0; i < vocab; i++) mx = row[i] > mx ? row[i] : mx;
+            floor_logit = mx + logf(min_p[r]) * temp[r];
+        }
+        float top = -INFINITY;
+        int bad = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = row + b * SAMPLE_BLOCK;
+            int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+            float bm = -INFINITY, s = 0.f;
+#ifdef __AVX512F__
+            if (n == SAMPLE_BLOCK) {
+                __m512 mv = _mm512_set1_ps(-INFINITY), sv = _mm512_setzero_ps();
+                __mmask16 nan = 0;
+                for (int64_t i = 0; i < n; i += 16) {
+                    __m512 v = _mm512_loadu_ps(xb + i);
+                    mv = _mm512_max_ps(mv, v);
+                    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                }
+                bm = _mm512_reduce_max_ps(mv);
+                __m512 bmv = _mm512_set1_ps(bm), it = _mm512_set1_ps(inv_t), fl = _mm512_set1_ps(floor_logit);
+                __m512 sv2 = _mm512_setzero_ps();
+                for (int64_t i = 0; i < n; i += 32) { /* two chains in flight */
+                    __m512 v = _mm512_loadu_ps(xb + i), w = _mm512_loadu_ps(xb + i + 16);
+                    __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(v, bmv), it));
+                    __m512 f = exp512(_mm512_mul_ps(_mm512_sub_ps(w, bmv), it));
+                    if (min_p[r] > 0.f) {
+                        e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, fl, _CMP_GE_OQ), e);
+                        f = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, fl, _CMP_GE_OQ), f);
+                    }
+                    sv = _mm512_add_ps(sv, e);
+                    sv2 = _mm512_add_ps(sv2, f);
+                }
+                s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2));
+                bad |= nan != 0;
+            } else
+#endif
+            {
+                _Pragma("omp simd reduction(max : bm)")
+                for (int64_t i = 0; i < n; i++) bm = xb[i] > bm ? xb[i] : bm;
+                _Pragma("omp simd reduction(+ : s)")
+                for (int64_t i = 0; i < n; i++) s += xb[i] >= floor_logit ? exp_f((xb[i] - bm) * inv_t) : 0.f;
+                for (int64_t i = 0; i < n; i++) bad |= xb[i] != xb[i]; /* NaN: the vector max may skip it */
+            }
+            bmax[b] = bm;
+            bsum[b] = s;
+            top = bm > top ? bm : top;
+        }
+        double total = 0.0;
+        for (int64_t b = 0; b < nb; b++)
+            if (bsum[b] > 0.f) total += (double)bsum[b] * exp((double)(bmax[b] - top) * inv_t);
+        int64_t pick = -1;
+        if (!bad && isfinite(top) && isfinite(total) && total > 0.0) {
+            double target = u[r] * total, cum = 0.0;
+            int64_t b = 0, last = -1;
+            for (; b < nb; b++) {
+                if (bsum[b] <= 0.f) continue;
+                double mass = (double)bsum[b] * exp((double)(bmax[b] - top) * inv_t);
+                last = b;
+                if (cum + mass > target) break;
+                cum += mass;
+            }
+            if (b == nb) b = last; /* rounding put the target past the end: the last block with mass */
+            const float *xb = row + b * SAMPLE_BLOCK;
+            int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+            double scale = exp((double)(bmax[b] - top) * inv_t);
+            for (int64_t i = 0; i < n; i++) {
+                float e = xb[i] >= floor_logit ? exp_f((xb[i] - bmax[b]) * inv_t) : 0.f;
+                if (e <= 0.f) continue;
+                pick = b * SAMPLE_BLOCK + i;
+                cum += (double)e * scale;
+                if (cum > target) break;
+            }
+        }
+        out[r] = pick;
+        free(bmax);
+    }
+}

@@ -43,6 +43,7 @@ SIGNATURES = {
     "prefill_attention": [P, I64, P, I64, P, I64, I64, I64, I64, I64, I64, F32, P, I64],
 }
 RESTYPES = {"prefill_attention": ctypes.c_int}
+UNTYPED = {"sample_plain": [P, I64, I64, I64, P, P, P, P]}  # float32 logits only: no dtype forms
 
 
 def _cpu_flags() -> str:
@@ -98,6 +99,8 @@ def lib() -> ctypes.CDLL | None:
         for sfx in DTYPES.values():
             fn = getattr(so, f"{name}_{sfx}")
             fn.argtypes, fn.restype = args, RESTYPES.get(name)
+    for name, args in UNTYPED.items():
+        getattr(so, name).argtypes = args
     return so
 
 
@@ -189,3 +192,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return False
     return bool(_fn("prefill_attention", q)(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                                             v.stride(0), lq, lk, h, hkv, d, scale, out.data_ptr(), out.stride(0)))
+
+
+def sample_plain(logits: torch.Tensor, temperatures: list[float], min_p: list[float], u) -> torch.Tensor:
+    """As sampling._draw_plain for float32 CPU logits [m, V] (rows contiguous): per row the inverse
+    CDF at u (float64 [m], in [0, 1)) of softmax(logits / t) less the ids under min_p, in one read
+    of the row. Returns int64 ids [m], -1 for a row without finite mass."""
+    assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+    m, vocab = logits.shape
+    t = torch.tensor(temperatures, dtype=torch.float32)
+    mp = torch.tensor(min_p, dtype=torch.float32)
+    uu = torch.as_tensor(u, dtype=torch.float64).contiguous()
+    out = torch.empty(m, dtype=torch.int64)
+    lib().sample_plain(logits.data_ptr(), logits.stride(0), m, vocab, t.data_ptr(), mp.data_ptr(), uu.data_ptr(),
+                       out.data_ptr())
+    return out

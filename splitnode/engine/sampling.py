@@ -10,6 +10,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from splitnode.kernels import cpu as cpu_kernels
+
 # Temperatures below this are greedy. In float32 exp(-gap / t) is exactly 0 for any logit gap above
 # ~1e-3 once t < 1e-5, so the draw already is the argmax (up to near-ties); taking it as greedy keeps
 # tiny and subnormal values (1e-40, which overflows logits / t to inf and makes softmax NaN) away
@@ -284,6 +286,8 @@ def _plain(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
 def _draw_plain(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> torch.Tensor:
     """Rows that keep the whole vocabulary (but for min_p): inverse CDF in vocabulary order, found
     in two levels, block sums then the block, so that no pass over the rows is a cumulative sum."""
+    if x.dtype == torch.float32 and cpu_kernels.supports(x):  # the same draw in one read of each row
+        return cpu_kernels.sample_plain(x.contiguous(), [p.temperature for p in ps], [p.min_p for p in ps], u)
     probs = _plain(x, ps)
     dev = x.device
     m, vocab = probs.shape

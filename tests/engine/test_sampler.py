@@ -193,3 +193,22 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_among_seven_others(mak
     assert outs[3].token_ids == alone
     assert len(set(alone)) > 6  # drawn, not stuck
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+def test_the_cpu_kernel_and_the_torch_path_draw_the_same_plain_ids(monkeypatch):
+    """kernels/cpu.c's one-read draw (rows without top-k or top-p) against sampling's torch ops: the
+    same inverse CDF in vocabulary order, so the same uniform gives the same id (but where the two
+    float sums round across a boundary: none in these 3 x 300 draws)."""
+    from splitnode.kernels import cpu
+
+    if cpu.lib() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    logits = torch.cat([peaked_logits(150, 4099, seed=3, spread=4.0), peaked_logits(150, 4099, seed=4, spread=0.3)])
+    u = sampling.uniforms(list(range(300)), [9] * 300)
+    for p in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.6), SamplingParams(temperature=1.7, min_p=0.05)):
+        fast = sampling._draw_plain(logits, [p] * 300, u)
+        monkeypatch.setattr(cpu, "ENABLED", False)
+        plain = sampling._draw_plain(logits, [p] * 300, u)
+        monkeypatch.setattr(cpu, "ENABLED", True)
+        assert torch.equal(fast, plain), (p, int((fast != plain).sum()))
+        assert len(set(fast.tolist())) > 100
