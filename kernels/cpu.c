@@ -688,3 +688,172 @@ void sample_plain(const float *x, int64_t sx, int64_t m, int64_t vocab, const fl
         free(bmax);
     }
 }
+
+/* ---- Sampling: rows with top-k, top-p or min_p -------------------------------------------------
+ * The kept set is sampling._window's: the ids at or above a threshold theta on the probabilities
+ * e = exp((x - max) / t) (the row's most likely id has e = 1), theta the largest of: the k-th
+ * largest e (ties at it kept); min_p; and top-p's, the smallest e whose strictly larger ones hold
+ * at most top_p of the top-k mass (so the smallest prefix, in descending order, that reaches it,
+ * and every id tied with its last). No sort: only candidates are looked at, the ids that can be
+ * kept, found by comparing logits (the ids under (1 - top_p) / V of the mass cannot be, nor those
+ * under the k-th largest block maximum for top-k), and theta is a weighted quickselect over them.
+ * The draw is the inverse CDF over the kept ids in vocabulary order. out: the id or -1. */
+
+/* The smallest value v of a[0..n) with (sum of w(a_j) over a_j > v) <= limit, w = a (mass) or 1
+ * (count); a is reordered. `above` is the weight of values above the range already set aside. */
+static float select_threshold(float *a, int64_t n, double limit, int by_mass) {
+    double above = 0.0;
+    float best = a[0];
+    int64_t lo = 0, hi = n;
+    uint64_t seed = 0x9E3779B97F4A7C15ull;
+    while (lo < hi) {
+        seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+        float pivot = a[lo + (int64_t)(seed % (uint64_t)(hi - lo))];
+        int64_t g = lo, e = lo, l = hi; /* [lo, g): > pivot; [g, e): == pivot; [l, hi): < pivot */
+        double mg = 0.0, me = 0.0;
+        while (e < l) {
+            float v = a[e];
+            if (v > pivot) {
+                a[e] = a[g], a[g] = v, g++, e++;
+                mg += by_mass ? v : 1.0;
+            } else if (v < pivot) {
+                l--, a[e] = a[l], a[l] = v;
+            } else {
+                e++;
+                me += by_mass ? v : 1.0;
+            }
+        }
+        if (above + mg > limit) { /* the answer is above the pivot */
+            hi = g;
+        } else { /* the pivot qualifies; a smaller value may too */
+            best = pivot;
+            if (above + mg + me > limit) break;
+            above += mg + me;
+            lo = l;
+        }
+    }
+    return best;
+}
+
+void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const float *temp, const int64_t *top_k,
+                     const float *top_p, const float *min_p, const double *u, int64_t *out) {
+    _Pragma("omp parallel for schedule(dynamic, 1) if (m > 1)")
+    for (int64_t r = 0; r < m; r++) {
+        const float *row = x + r * sx;
+        float t = temp[r], inv_t = 1.f / t;
+        int64_t nb = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK, k = top_k[r] > 0 && top_k[r] < vocab ? top_k[r] : vocab;
+        float *bmax = malloc(sizeof(float) * (size_t)nb);
+        float top = -INFINITY;
+        int bad = 0;
+        double total = 0.0, q_total = 0.0; /* the row's mass, and the part at or above min_p */
+        for (int64_t b = 0; b < nb; b++) { /* the row's maximum and, for top-p, its mass */
+            const float *xb = row + b * SAMPLE_BLOCK;
+            int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+            float bm = -INFINITY;
+            _Pragma("omp simd reduction(max : bm)")
+            for (int64_t i = 0; i < n; i++) bm = xb[i] > bm ? xb[i] : bm;
+            for (int64_t i = 0; i < n; i++) bad |= xb[i] != xb[i];
+            bmax[b] = bm;
+            top = bm > top ? bm : top;
+        }
+        int64_t pick = -1;
+        if (!bad && isfinite(top)) {
+            for (int64_t b = 0; b < nb && top_p[r] < 1.f; b++) {
+                const float *xb = row + b * SAMPLE_BLOCK;
+                int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+                float s = 0.f, sq = 0.f, mp = min_p[r];
+                int64_t i = 0;
+#ifdef __AVX512F__
+                __m512 sv = _mm512_setzero_ps(), qv = _mm512_setzero_ps();
+                __m512 tv = _mm512_set1_ps(top), it = _mm512_set1_ps(inv_t), mv = _mm512_set1_ps(mp);
+                for (; i + 16 <= n; i += 16) {
+                    __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xb + i), tv), it));
+                    sv = _mm512_add_ps(sv, e);
+                    qv = _mm512_add_ps(qv, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, mv, _CMP_GE_OQ), e));
+                }
+                s = _mm512_reduce_add_ps(sv);
+                sq = _mm512_reduce_add_ps(qv);
+#endif
+                for (; i < n; i++) {
+                    float e = exp_f((xb[i] - top) * inv_t);
+                    s += e;
+                    sq += e >= mp ? e : 0.f;
+                }
+                total += s;
+                q_total += sq;
+            }
+            /* the smallest logit a kept id can have */
+            /* (with top-k, every top-k id: top-p's share is of their mass before min_p) */
+            float floor_e = min_p[r] > 0.f && k == vocab ? min_p[r] : 0.f;
+            if (k == vocab && top_p[r] < 1.f && q_total > top_p[r] * total) {
+                /* ids under this hold less than the mass past top-p together: none of them is kept */
+                float tau = (float)((q_total - top_p[r] * total) / (double)vocab);
+                floor_e = tau > floor_e ? tau : floor_e;
+            }
+            /* a little under: exp's rounding must not drop an id at the floor */
+            float floor_x = floor_e > 0.f ? top + (logf(floor_e) - 1e-3f) * t : -INFINITY;
+            if (k < vocab && k <= nb) { /* the k-th largest id is at least the k-th largest block maximum */
+                float *bm2 = malloc(sizeof(float) * (size_t)nb);
+                memcpy(bm2, bmax, sizeof(float) * (size_t)nb);
+                float kth = select_threshold(bm2, nb, (double)(k - 1), 0);
+                free(bm2);
+                floor_x = kth > floor_x ? kth : floor_x;
+            }
+            /* candidates, in vocabulary order: (id, e) */
+            int64_t cap = 1024, nc = 0;
+            int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+            for (int64_t b = 0; b < nb; b++) {
+                if (bmax[b] < floor_x) continue;
+                int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+                if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
+                int64_t i = 0, base = b * SAMPLE_BLOCK;
+#ifdef __AVX512F__
+                __m512 fx = _mm512_set1_ps(floor_x);
+                __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                for (; i + 16 <= n; i += 16) { /* the ids at or over the floor, 16 compares at once */
+                    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + base + i), fx, _CMP_GE_OQ);
+                    if (hit) {
+                        __m512i idv = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(base + i)));
+                        _mm512_mask_compressstoreu_epi32(ids + nc, hit, idv);
+                        nc += __builtin_popcount(hit);
+                    }
+                }
+#endif
+                for (; i < n; i++)
+                    if (row[base + i] >= floor_x) ids[nc++] = (int32_t)(base + i);
+            }
+            float *e = malloc(sizeof(float) * 2 * (size_t)(nc ? nc : 1)), *work = e + nc;
+            for (int64_t c = 0; c < nc; c++) e[c] = exp_f((row[ids[c]] - top) * inv_t);
+            float theta = 0.f;
+            double mass_k = total;
+            if (k < vocab && nc) {
+                memcpy(work, e, sizeof(float) * (size_t)nc);
+                theta = select_threshold(work, nc, (double)(k - 1), 0);
+                mass_k = 0.0;
+                for (int64_t c = 0; c < nc; c++) mass_k += e[c] >= theta ? e[c] : 0.f;
+            }
+            if (min_p[r] > theta) theta = min_p[r];
+            if (top_p[r] < 1.f && nc) {
+                int64_t nk = 0;
+                for (int64_t c = 0; c < nc; c++) if (e[c] >= theta) work[nk++] = e[c];
+                float tp = nk ? select_threshold(work, nk, top_p[r] * mass_k, 1) : theta;
+                theta = tp > theta ? tp : theta;
+            }
+            double kept = 0.0;
+            for (int64_t c = 0; c < nc; c++) kept += e[c] >= theta ? e[c] : 0.f;
+            if (kept > 0.0 && isfinite(kept)) {
+                double target = u[r] * kept, cum = 0.0;
+                for (int64_t c = 0; c < nc; c++) {
+                    if (e[c] < theta) continue;
+                    pick = ids[c];
+                    cum += e[c];
+                    if (cum > target) break;
+                }
+            }
+            free(e);
+            free(ids);
+        }
+        out[r] = pick;
+        free(bmax);
+    }
+}

@@ -43,7 +43,10 @@ SIGNATURES = {
     "prefill_attention": [P, I64, P, I64, P, I64, I64, I64, I64, I64, I64, F32, P, I64],
 }
 RESTYPES = {"prefill_attention": ctypes.c_int}
-UNTYPED = {"sample_plain": [P, I64, I64, I64, P, P, P, P]}  # float32 logits only: no dtype forms
+UNTYPED = {  # float32 logits only: no dtype forms
+    "sample_plain": [P, I64, I64, I64, P, P, P, P],
+    "sample_filtered": [P, I64, I64, I64, P, P, P, P, P, P],
+}
 
 
 def _cpu_flags() -> str:
@@ -206,4 +209,23 @@ def sample_plain(logits: torch.Tensor, temperatures: list[float], min_p: list[fl
     out = torch.empty(m, dtype=torch.int64)
     lib().sample_plain(logits.data_ptr(), logits.stride(0), m, vocab, t.data_ptr(), mp.data_ptr(), uu.data_ptr(),
                        out.data_ptr())
+    return out
+
+
+def sample_filtered(logits: torch.Tensor, ps: list, u) -> torch.Tensor:
+    """As sampling._draw_filtered for float32 CPU logits [m, V] (rows contiguous) and their
+    SamplingParams: the same kept set (top-k with ties, min_p, top-p over the top-k mass), drawn
+    by inverse CDF at u in vocabulary order (the torch path draws in descending order: the same
+    distribution, not the same id for a given u). Returns int64 ids [m], -1 for a row without
+    finite mass."""
+    assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+    m, vocab = logits.shape
+    t = torch.tensor([p.temperature for p in ps], dtype=torch.float32)
+    k = torch.tensor([p.top_k for p in ps], dtype=torch.int64)
+    tp = torch.tensor([p.top_p for p in ps], dtype=torch.float32)
+    mp = torch.tensor([p.min_p for p in ps], dtype=torch.float32)
+    uu = torch.as_tensor(u, dtype=torch.float64).contiguous()
+    out = torch.empty(m, dtype=torch.int64)
+    lib().sample_filtered(logits.data_ptr(), logits.stride(0), m, vocab, t.data_ptr(), k.data_ptr(), tp.data_ptr(),
+                          mp.data_ptr(), uu.data_ptr(), out.data_ptr())
     return out

@@ -303,7 +303,10 @@ def _draw_plain(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> tor
 
 
 def _draw_filtered(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> torch.Tensor:
-    """Rows with top-k or top-p: inverse CDF over their kept ids in descending order."""
+    """Rows with top-k or top-p: inverse CDF over their kept ids in descending order (on the CPU
+    with its C kernels: the same kept ids, found without a sort, drawn in vocabulary order)."""
+    if x.dtype == torch.float32 and cpu_kernels.supports(x):
+        return cpu_kernels.sample_filtered(x.contiguous(), ps, u)
     out = None
     for rows, ids, kept in _filtered(*_probs(x, ps), ps):
         cum = kept.double().cumsum(dim=-1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,7 +111,11 @@ def test_ties_at_the_kth_logit_are_all_kept():
 
 def test_the_full_sort_and_the_cpu_windows_draw_the_same_ids(monkeypatch):
     """A GPU sorts each whole row, the CPU looks in windows first: a window is a prefix of the
-    sorted row, so every draw is the same."""
+    sorted row, so every draw is the same. (The torch path's windows: the CPU kernels, which find
+    the kept ids without sorting, are off.)"""
+    from splitnode.kernels import cpu
+
+    monkeypatch.setattr(cpu, "ENABLED", False)
     logits = torch.cat([peaked_logits(48, 8192, seed=1, spread=4.0), peaked_logits(16, 8192, seed=2, spread=0.5)])
     params = [SamplingParams(top_p=0.9), SamplingParams(top_k=30, temperature=1.4), SamplingParams(top_p=0.6, min_p=0.02),
               SamplingParams(top_k=2000, top_p=0.95)] * 16
@@ -212,3 +217,25 @@ def test_the_cpu_kernel_and_the_torch_path_draw_the_same_plain_ids(monkeypatch):
         monkeypatch.setattr(cpu, "ENABLED", True)
         assert torch.equal(fast, plain), (p, int((fast != plain).sum()))
         assert len(set(fast.tolist())) > 100
+
+
+@pytest.mark.parametrize("spread", [0.5, 4.0, 8.0])
+def test_the_cpu_kernel_keeps_what_the_reference_keeps(spread):
+    """kernels/cpu.c's filtered draw (no sort: a threshold from candidates) against the reference's
+    kept ids: 4000 draws of each MASK_CASES row land only on kept ids, and every kept id of
+    probability 0.5% or more is drawn (missing one by chance: under 1e-8)."""
+    from splitnode.kernels import cpu
+
+    if cpu.lib() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    logits = peaked_logits(len(MASK_CASES), 3000, seed=8, spread=spread)
+    for i, p in enumerate(MASK_CASES):
+        if not (p.top_k or p.top_p < 1.0):
+            continue  # the plain draw: its own test above
+        want = reference_probs(logits[i], p).double()
+        want /= want.sum()
+        n = 4000
+        got = cpu.sample_filtered(logits[i].expand(n, -1).contiguous(), [p] * n, np.random.default_rng(i).random(n))
+        drawn = torch.bincount(got, minlength=3000)
+        assert drawn[want == 0].sum() == 0, (p, spread)
+        assert bool((drawn[want >= 0.005] > 0).all()), (p, spread)
