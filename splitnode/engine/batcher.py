@@ -72,12 +72,6 @@ class _Budget:
         self.taken.add(seq.seq_id)
 
 
-def _is_decode(seq: Sequence) -> bool:
-    """`seq.is_decode` without its two property calls: the batcher asks it of every running
-    sequence every step."""
-    return seq.num_computed > 0 and len(seq.token_ids) - seq.num_computed == 1
-
-
 class Batcher:
     def __init__(self, config: EngineConfig, pool: BlockPool, role: Role | str = Role.MIXED):
         self.config = config
@@ -126,23 +120,31 @@ class Batcher:
 
     def schedule(self) -> Batch:
         budget = _Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
-        ready = self._ready_decodes()
+        ready, prefilling, aged = self._split_running()
         decodes = self._schedule_decodes(self._urgent(ready), budget, past_a_miss=True)
-        chunks = self._schedule_prefills(budget)
+        chunks = self._schedule_prefills(prefilling, budget)
         decodes += self._schedule_decodes(ready, budget, past_a_miss=False)
-        for seq in ready:  # ageing: a decode left out moves up
-            seq.num_skipped = 0 if seq.seq_id in budget.taken else seq.num_skipped + 1
+        if aged or len(decodes) < len(ready):  # ageing: a decode left out moves up
+            for seq in ready:
+                seq.num_skipped = 0 if seq.seq_id in budget.taken else seq.num_skipped + 1
         # Victims are never taken from the batch (`budget.taken`): everything in it still runs.
         return Batch(decodes + [s for s, _ in chunks], [1] * len(decodes) + [n for _, n in chunks], len(decodes))
 
-    def _ready_decodes(self) -> list[Sequence]:
-        """The running decodes, longest skipped first (stable: older first among equals)."""
+    def _split_running(self) -> tuple[list[Sequence], list[Sequence], bool]:
+        """One pass over the running sequences (every step, at GPU batch sizes: `_is_decode`
+        inlined): the decodes ready to run, longest skipped first (stable: older first among
+        equals; none where the role runs no decodes); the prefills under way, in arrival order;
+        and whether any decode has been skipped."""
+        ready, prefilling = [], []
+        for s in self.running:
+            n = s.num_computed
+            (ready if n > 0 and len(s.token_ids) - n == 1 else prefilling).append(s)
         if not self.role.decodes:
-            return []
-        ready = [s for s in self.running if _is_decode(s)]
-        if any(s.num_skipped for s in ready):
+            ready = []
+        aged = any(s.num_skipped for s in ready)
+        if aged:
             ready.sort(key=lambda s: -s.num_skipped)
-        return ready
+        return ready, prefilling, aged
 
     def _urgent(self, ready: list[Sequence]) -> list[Sequence]:
         """The decodes that go before the prompts: in a mixed batch, those left out of
@@ -176,10 +178,10 @@ class Batcher:
         budget.num_seqs -= len(decodes)
         return decodes
 
-    def _schedule_prefills(self, budget: _Budget) -> list[tuple[Sequence, int]]:
+    def _schedule_prefills(self, prefilling: list[Sequence], budget: _Budget) -> list[tuple[Sequence, int]]:
         """Prefill chunks FCFS (those under way, then the waiting ones) while the budget lasts."""
         chunks = []
-        for seq in [s for s in self.running if not _is_decode(s)] + list(self.waiting):
+        for seq in prefilling + list(self.waiting):
             if not budget.fits():
                 break
             n = min(seq.num_pending, budget.num_tokens)
