@@ -735,6 +735,38 @@ static float select_threshold(float *a, int64_t n, double limit, int by_mass) {
     return best;
 }
 
+/* select_threshold by mass for values in (0, 1], through a histogram on their float bits first:
+ * the quickselect then runs on the one bucket the answer is in, not on every candidate. */
+#define HIST_SHIFT 19
+#define HIST_BUCKETS ((0x3F800000u >> HIST_SHIFT) + 1)
+static float select_by_mass(float *a, int64_t n, double limit) {
+    if (n < 512) return select_threshold(a, n, limit, 1);
+    double *mass = calloc(HIST_BUCKETS, sizeof(double));
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &a[i], 4);
+        mass[b >> HIST_SHIFT] += a[i];
+    }
+    double above = 0.0;
+    int64_t key = HIST_BUCKETS - 1;
+    for (; key > 0 && above + mass[key] <= limit; key--) above += mass[key];
+    free(mass);
+    int64_t m = 0; /* the bucket's values to the front */
+    float smallest = a[0];
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &a[i], 4);
+        smallest = a[i] < smallest ? a[i] : smallest;
+        if ((int64_t)(b >> HIST_SHIFT) == key) {
+            float v = a[m];
+            a[m++] = a[i];
+            a[i] = v;
+        }
+    }
+    if (!m) return smallest; /* every value fits under the limit: the smallest is the answer */
+    return select_threshold(a, m, limit - above, 1);
+}
+
 void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const float *temp, const int64_t *top_k,
                      const float *top_p, const float *min_p, const double *u, int64_t *out) {
     _Pragma("omp parallel for schedule(dynamic, 1) if (m > 1)")
@@ -836,7 +868,7 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
             if (top_p[r] < 1.f && nc) {
                 int64_t nk = 0;
                 for (int64_t c = 0; c < nc; c++) if (e[c] >= theta) work[nk++] = e[c];
-                float tp = nk ? select_threshold(work, nk, top_p[r] * mass_k, 1) : theta;
+                float tp = nk ? select_by_mass(work, nk, top_p[r] * mass_k) : theta;
                 theta = tp > theta ? tp : theta;
             }
             double kept = 0.0;
