@@ -889,3 +889,12 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
         free(bmax);
     }
 }
+
+/* Whether this build has the AVX-512 forms (prefill attention has no other). */
+int built_with_avx512(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -104,6 +104,7 @@ def lib() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = args, RESTYPES.get(name)
     for name, args in UNTYPED.items():
         getattr(so, name).argtypes = args
+    so.built_with_avx512.argtypes, so.built_with_avx512.restype = [], ctypes.c_int
     return so
 
 
@@ -116,6 +117,12 @@ def takes(device: torch.device, dtype: torch.dtype) -> bool:
 def supports(x: torch.Tensor) -> bool:
     """`takes` for the tensor a layer computes on."""
     return takes(x.device, x.dtype)
+
+
+def built_with_avx512() -> bool:
+    """Whether the build has the AVX-512 forms (-march=native on a CPU with AVX-512F): prefill
+    attention has no other, and declines elsewhere (torch's tiled GEMMs take it)."""
+    return bool(lib().built_with_avx512())
 
 
 def _fn(name: str, x: torch.Tensor):

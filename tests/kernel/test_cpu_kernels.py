@@ -121,6 +121,9 @@ def test_prefill_attention(dtype, lq, lk, h, hkv, d):
     q = qkv[lk - lq:, :h * d].view(lq, h, d)
     k, v = (t.view(lk, hkv, d) for t in qkv[:, h * d:].split(hkv * d, dim=-1))
     out = torch.full((lq + 2, h, d), float("nan"), dtype=dtype)  # rows of a larger batch
+    if not cpu.built_with_avx512():  # no form here: declined, nothing written
+        assert not cpu.prefill_attention(q, k, v, d ** -0.5, out[1:-1]) and out.isnan().all()
+        return
     assert cpu.prefill_attention(q, k, v, d ** -0.5, out[1:-1])
     want = _causal_attention_cpu(q.float(), k.float(), v.float(), d ** -0.5)
     assert out[0].isnan().all() and out[-1].isnan().all()  # nothing written outside its rows
@@ -128,6 +131,10 @@ def test_prefill_attention(dtype, lq, lk, h, hkv, d):
         torch.testing.assert_close(out[1:-1].float(), want, atol=1.5e-2, rtol=1.5e-2)
     else:
         torch.testing.assert_close(out[1:-1], want, atol=2e-6, rtol=2e-5)
+
+
+def test_the_build_has_the_avx512_forms_where_the_cpu_has_avx512():
+    assert cpu.built_with_avx512() == (" avx512f" in cpu._cpu_flags())
 
 
 def test_prefill_attention_declines_a_head_dim_it_has_no_form_for():
