@@ -351,7 +351,28 @@ static inline __m512 exp512(__m512 x) { /* exp_f's polynomial with FMAs, scaled 
     return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-#define PF_RB 8    /* query rows per block */
+/* One row's step of 32 scores s[2] in the online softmax: the keys past the row's `see` masked,
+ * the running maximum m and sum l updated, the step's weights p0/p1 (relative to the new
+ * maximum); returns the factor the row's output so far is rescaled by. */
+static inline float online_softmax(__m512 s[2], int64_t see, float *m, float *l, __m512 *p0, __m512 *p1) {
+    if (see < 32) {
+        __mmask16 m0 = see >= 16 ? 0xffff : see <= 0 ? 0 : (__mmask16)((1u << see) - 1);
+        __mmask16 m1 = see <= 16 ? 0 : (__mmask16)((1u << (see - 16)) - 1);
+        s[0] = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[0]);
+        s[1] = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[1]);
+    }
+    float mx = _mm512_reduce_max_ps(_mm512_max_ps(s[0], s[1]));
+    float mn = mx > *m ? mx : *m;
+    float corr = exp_f(*m - mn);
+    __m512 mv = _mm512_set1_ps(mn);
+    *p0 = exp512(_mm512_sub_ps(s[0], mv));
+    *p1 = exp512(_mm512_sub_ps(s[1], mv));
+    *l = *l * corr + _mm512_reduce_add_ps(_mm512_add_ps(*p0, *p1));
+    *m = mn;
+    return corr;
+}
+
+#define PF_RB 8    /* query rows per block (32 keys a step: two registers of scores) */
 #define PF_KC 32   /* keys per step */
 #define PF_TILE 128 /* query rows per work item */
 #define DEFINE_PREFILL(SFX, T, D)                                                                   \
@@ -406,20 +427,8 @@ static inline __m512 exp512(__m512 x) { /* exp_f's polynomial with FMAs, scaled 
                             }                                                                       \
                         }                                                                           \
                         for (int rr = 0; rr < PF_RB; rr++) {                                        \
-                            int64_t see = lim[rr] - j0 + 1; /* keys of this step the row sees */    \
-                            if (see < PF_KC) {                                                      \
-                                __mmask16 m0 = see >= 16 ? 0xffff : see <= 0 ? 0 : (__mmask16)((1u << see) - 1); \
-                                __mmask16 m1 = see >= 32 ? 0xffff : see <= 16 ? 0 : (__mmask16)((1u << (see - 16)) - 1); \
-                                s[rr][0] = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[rr][0]); \
-                                s[rr][1] = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[rr][1]); \
-                            }                                                                       \
-                            float mx = _mm512_reduce_max_ps(_mm512_max_ps(s[rr][0], s[rr][1]));    \
-                            float mn = mx > m[rr] ? mx : m[rr];                                     \
-                            corr[rr] = exp_f(m[rr] - mn);                                           \
-                            __m512 mv = _mm512_set1_ps(mn);                                         \
-                            __m512 p0 = exp512(_mm512_sub_ps(s[rr][0], mv)), p1 = exp512(_mm512_sub_ps(s[rr][1], mv)); \
-                            l[rr] = l[rr] * corr[rr] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)); \
-                            m[rr] = mn;                                                             \
+                            __m512 p0, p1;                                                          \
+                            corr[rr] = online_softmax(s[rr], lim[rr] - j0 + 1, &m[rr], &l[rr], &p0, &p1); \
                             _mm512_store_ps(pr[rr], p0);                                            \
                             _mm512_store_ps(pr[rr] + 16, p1);                                       \
                         }                                                                           \
@@ -522,20 +531,8 @@ DEFINE_PREFILL(bf16, bf16, 128)
                         for (int rr = 0; rr < PF_RB; rr++) {                                        \
                             s[rr][0] = _mm512_mul_ps(s[rr][0], sc);                                 \
                             s[rr][1] = _mm512_mul_ps(s[rr][1], sc);                                 \
-                            int64_t see = lim[rr] - j0 + 1;                                         \
-                            if (see < PF_KC) {                                                      \
-                                __mmask16 m0 = see >= 16 ? 0xffff : see <= 0 ? 0 : (__mmask16)((1u << see) - 1); \
-                                __mmask16 m1 = see >= 32 ? 0xffff : see <= 16 ? 0 : (__mmask16)((1u << (see - 16)) - 1); \
-                                s[rr][0] = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[rr][0]); \
-                                s[rr][1] = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[rr][1]); \
-                            }                                                                       \
-                            float mx = _mm512_reduce_max_ps(_mm512_max_ps(s[rr][0], s[rr][1]));    \
-                            float mn = mx > m[rr] ? mx : m[rr];                                     \
-                            corr[rr] = exp_f(m[rr] - mn);                                           \
-                            __m512 mv = _mm512_set1_ps(mn);                                         \
-                            __m512 p0 = exp512(_mm512_sub_ps(s[rr][0], mv)), p1 = exp512(_mm512_sub_ps(s[rr][1], mv)); \
-                            l[rr] = l[rr] * corr[rr] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)); \
-                            m[rr] = mn;                                                             \
+                            __m512 p0, p1;                                                          \
+                            corr[rr] = online_softmax(s[rr], lim[rr] - j0 + 1, &m[rr], &l[rr], &p0, &p1); \
                             _mm512_store_si512(pr[rr], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));       \
                         }                                                                           \
                         for (int rq = 0; rq < PF_RB; rq += 4) {                                     \
