@@ -748,17 +748,15 @@ static float select_by_mass(float *a, int64_t n, double limit) {
     int64_t key = HIST_BUCKETS - 1;
     for (; key > 0 && above + mass[key] <= limit; key--) above += mass[key];
     free(mass);
-    int64_t m = 0; /* the bucket's values to the front */
+    int64_t m = 0; /* the bucket's values to the front (the others are not needed after) */
     float smallest = a[0];
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) { /* branch-free: which bucket a value is in is a coin toss */
+        float v = a[i];
         uint32_t b;
-        memcpy(&b, &a[i], 4);
-        smallest = a[i] < smallest ? a[i] : smallest;
-        if ((int64_t)(b >> HIST_SHIFT) == key) {
-            float v = a[m];
-            a[m++] = a[i];
-            a[i] = v;
-        }
+        memcpy(&b, &v, 4);
+        smallest = v < smallest ? v : smallest;
+        a[m] = v;
+        m += (int64_t)(b >> HIST_SHIFT) == key;
     }
     if (!m) return smallest; /* every value fits under the limit: the smallest is the answer */
     return select_threshold(a, m, limit - above, 1);
@@ -843,7 +841,8 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
                     __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + base + i), fx, _CMP_GE_OQ);
                     if (hit) {
                         __m512i idv = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(base + i)));
-                        _mm512_mask_compressstoreu_epi32(ids + nc, hit, idv);
+                        /* compressed in a register, stored whole: Zen 4 microcodes a compress to memory */
+                        _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hit, idv));
                         nc += __builtin_popcount(hit);
                     }
                 }
@@ -852,7 +851,14 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
                     if (row[base + i] >= floor_x) ids[nc++] = (int32_t)(base + i);
             }
             float *e = malloc(sizeof(float) * 2 * (size_t)(nc ? nc : 1)), *work = e + nc;
-            for (int64_t c = 0; c < nc; c++) e[c] = exp_f((row[ids[c]] - top) * inv_t);
+            int64_t c0 = 0;
+#ifdef __AVX512F__
+            for (__m512 tv = _mm512_set1_ps(top), it = _mm512_set1_ps(inv_t); c0 + 16 <= nc; c0 += 16) {
+                __m512 v = _mm512_i32gather_ps(_mm512_loadu_si512(ids + c0), row, 4);
+                _mm512_storeu_ps(e + c0, exp512(_mm512_mul_ps(_mm512_sub_ps(v, tv), it)));
+            }
+#endif
+            for (int64_t c = c0; c < nc; c++) e[c] = exp_f((row[ids[c]] - top) * inv_t);
             float theta = 0.f;
             double mass_k = total;
             if (k < vocab && nc) {
@@ -872,10 +878,10 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
             for (int64_t c = 0; c < nc; c++) kept += e[c] >= theta ? e[c] : 0.f;
             if (kept > 0.0 && isfinite(kept)) {
                 double target = u[r] * kept, cum = 0.0;
-                for (int64_t c = 0; c < nc; c++) {
-                    if (e[c] < theta) continue;
-                    pick = ids[c];
-                    cum += e[c];
+                for (int64_t c = 0; c < nc; c++) { /* branch-free but for the end */
+                    int in = e[c] >= theta;
+                    pick = in ? ids[c] : pick;
+                    cum += in ? e[c] : 0.f;
                     if (cum > target) break;
                 }
             }
