@@ -123,8 +123,7 @@ def main() -> None:
         return call
 
     for name in ("rms_norm", "rotary_qk_", "silu_and_mul", "paged_decode_attention", "prefill_attention"):
-        if hasattr(cpu_kernels, name):
-            setattr(cpu_kernels, name, labelled(name.rstrip("_").replace("_attention", ""), getattr(cpu_kernels, name)))
+        setattr(cpu_kernels, name, labelled(name.rstrip("_").replace("_attention", ""), getattr(cpu_kernels, name)))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, params)
     events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "_C::", "splitnode"))]

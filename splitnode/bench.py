@@ -207,13 +207,6 @@ class VllmWorker:
             self.proc.wait()
 
 
-def _while_paused(worker: VllmWorker, fn):
-    def run():
-        with worker.paused():
-            return fn()
-    return run
-
-
 def random_model_path() -> Path:
     """RANDOM_MODEL's folder in the cache, written once (atomically, as the demo model's)."""
     from splitnode.model.demo import cached_model_path
@@ -310,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
             worker = VllmWorker(args.against_vllm, path, args.dtype, max_len, vlog, tune=not args.vllm_no_tune)
             log(f"vLLM {worker.info['version']} loaded in {worker.info['load_s']:.0f}s, env {worker.info['env']}")
             ref_name, ref_fn = f"vLLM {worker.info['version']}", lambda: worker.generate(prompts, max_tokens)
-            ours_fn = _while_paused(worker, ours_fn)
+            ours_fn = worker.paused()(ours_fn)  # a contextmanager is also a decorator, fresh per call
         log(f"{len(prompts)} requests: splitnode (all at once) and {ref_name}, "
             f"a warm-up each, then {args.repeat} rounds timing each once in turn ...")
         runs = timed_alternately({"splitnode": ours_fn, ref_name: ref_fn}, args.repeat)

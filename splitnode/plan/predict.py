@@ -76,6 +76,9 @@ class Predictor:
                  clock=time.monotonic):
         self.config = config
         self.profile_file = Path(profile_file) if profile_file is not None else None
+        # the profile once found: the runtime's devices, model and dtype never change, so later jobs
+        # (on the event loop, under the lock) do not look it up and load it again; the helper reads it
+        self._found: Path | None = None
         self.min_requests, self.recompute_every, self.max_runs = min_requests, recompute_every, max_runs
         self.clock = clock
         self.lengths: deque[tuple[int, int]] = deque(maxlen=max_requests)
@@ -144,11 +147,12 @@ class Predictor:
     def _start(self, layout: P.Layout, num_blocks: int, key) -> None:
         now = self.clock()
         try:
-            path = self._profile_path()
+            path = self._found or self._profile_path()
         except (ProfileError, ValueError) as e:  # none, another version's, CPU workers sharing cores
             self._last = (key, self.num_observed, now, False)
             self._set_result({"available": False, "reason": str(e)})
             return
+        self._found = path
         self._last = (key, self.num_observed, now, True)
         kwargs = {**self._kwargs(), "num_kv_blocks": num_blocks}  # the workers' own pool, not the profiled device's
         job = {"profile": str(path), "kwargs": kwargs, "lengths": list(self.lengths), "max_runs": self.max_runs,
