@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -174,10 +173,12 @@ def find_profile(bench: Bench, profile_file: Path | None, engine_kwargs: dict) -
 def _cores(bench: Bench, engine_kwargs: dict) -> int | None:
     """A CPU worker's cores as the bench shared them out (`--cpu-threads`, else this box's cores
     evenly): the file does not record them."""
+    from splitnode.goodput.command import _cpu_share  # the bench's own rule
+
     if not bench.devices[0].startswith("cpu"):
         return None
     given = engine_kwargs.get("cpu_threads")
-    share = given or max(1, len(os.sched_getaffinity(0)) // len(bench.devices))
+    share = _cpu_share(bench.devices, given)
     if not given:
         bench.notes.append(f"the file does not record a CPU worker's cores: assumed {share}, this box's share "
                            "(--cpu-threads sets it)")
