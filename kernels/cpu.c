@@ -587,6 +587,48 @@ int prefill_attention_f32(void) { return 0; } /* no AVX-512: torch's path */
 int prefill_attention_bf16(void) { return 0; }
 #endif
 
+/* ---- Greedy: the argmax of each row ---------------------------------------------------------
+ * x: float32 logits [m, V] at row stride sx. As torch.argmax: the first largest id, or the first
+ * NaN's where the row has one. A row per thread once the batch is large enough to pay a fork. */
+static int64_t argmax_row(const float *row, int64_t vocab) {
+    int64_t i = 0, best_i = 0;
+    float best = row[0];
+#ifdef __AVX512F__
+    if (vocab >= 16) {
+        __m512 bv = _mm512_loadu_ps(row);
+        __m512i bi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), idx = bi;
+        __m512i step = _mm512_set1_epi32(16);
+        __mmask16 nan = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+        for (i = 16; i + 16 <= vocab; i += 16) { /* per lane its first largest (strictly greater) */
+            __m512 v = _mm512_loadu_ps(row + i);
+            idx = _mm512_add_epi32(idx, step);
+            __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            bv = _mm512_mask_mov_ps(bv, gt, v);
+            bi = _mm512_mask_mov_epi32(bi, gt, idx);
+        }
+        if (nan) { /* the first NaN */
+            for (int64_t j = 0; j < vocab; j++)
+                if (row[j] != row[j]) return j;
+        }
+        best = _mm512_reduce_max_ps(bv);
+        __mmask16 at = _mm512_cmp_ps_mask(bv, _mm512_set1_ps(best), _CMP_EQ_OQ);
+        best_i = _mm512_mask_reduce_min_epi32(at, bi);
+    }
+#endif
+    for (; i < vocab; i++) {
+        float v = row[i];
+        if (v != v) return i;
+        if (v > best) best = v, best_i = i;
+    }
+    return best_i;
+}
+
+void argmax_rows(const float *x, int64_t sx, int64_t m, int64_t vocab, int64_t *out) {
+    _Pragma("omp parallel for schedule(static) if (m > 1 && m * vocab >= (1 << 18))")
+    for (int64_t r = 0; r < m; r++) out[r] = argmax_row(x + r * sx, vocab);
+}
+
 /* ---- Sampling: rows without top-k or top-p -----------------------------------------------------
  * x: float32 logits [m, V] at row stride sx; per row its temperature, min_p and target u in [0, 1).
  * The draw is the inverse CDF in vocabulary order, as sampling._draw_plain: the first id whose

@@ -121,9 +121,11 @@ class Batcher:
     def schedule(self) -> Batch:
         budget = _Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         ready, prefilling, aged = self._split_running()
-        decodes = self._schedule_decodes(self._urgent(ready), budget, past_a_miss=True)
+        urgent = self._urgent(ready)
+        decodes = self._schedule_decodes(urgent, budget, past_a_miss=True)
         chunks = self._schedule_prefills(prefilling, budget)
-        decodes += self._schedule_decodes(ready, budget, past_a_miss=False)
+        if urgent is not ready:  # else every decode was tried already, with more room than is left now
+            decodes += self._schedule_decodes(ready, budget, past_a_miss=False)
         if aged or len(decodes) < len(ready):  # ageing: a decode left out moves up
             for seq in ready:
                 seq.num_skipped = 0 if seq.seq_id in budget.taken else seq.num_skipped + 1
@@ -159,21 +161,23 @@ class Batcher:
         decodes: list[Sequence] = []
         block_size, taken = self.pool.block_size, budget.taken
         room = min(budget.num_tokens, budget.num_seqs)  # a decode takes one of each
-        for seq in seqs:
-            if len(decodes) >= room:
-                break
-            if seq.seq_id in taken or seq.status is not SeqStatus.RUNNING:  # scheduled, or preempted
+        # Every step, per sequence, at GPU batch sizes: names bound once, the room checked after a take.
+        running, append, take = SeqStatus.RUNNING, decodes.append, taken.add
+        for seq in seqs if room > 0 else ():
+            if seq.status is not running or seq.seq_id in taken:  # preempted, or scheduled
                 continue
             n = len(seq.token_ids)
             # The pool only when the token starts a block: once every block_size steps (H1's host cost)
-            if -(-n // block_size) > len(seq.block_table):
+            if n > len(seq.block_table) * block_size:
                 if not self._make_room(seq, n, budget):
                     if past_a_miss:
                         continue
                     break
                 self.pool.grow(seq, n)
-            decodes.append(seq)
-            taken.add(seq.seq_id)  # `_make_room` spares the batch's sequences from here on
+            append(seq)
+            take(seq.seq_id)  # `_make_room` spares the batch's sequences from here on
+            if len(decodes) >= room:
+                break
         budget.num_tokens -= len(decodes)
         budget.num_seqs -= len(decodes)
         return decodes

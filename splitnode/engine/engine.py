@@ -19,7 +19,7 @@ from splitnode.engine.batcher import Batch, Batcher
 from splitnode.engine.config import EngineConfig
 from splitnode.engine.kv import BlockPool, allocate_kv_cache, kv_budget_bytes, kv_cache_bytes_per_block, layer_views
 from splitnode.engine.model_runner import MAX_GRAPH_BATCH, ModelRunner, graph_logits_bytes, prefill_peak_bytes
-from splitnode.engine.sampling import Logprob, SamplingParams, sample, top_logprobs
+from splitnode.engine.sampling import Logprob, SamplingParams, argmax, sample, top_logprobs
 from splitnode.engine.sequence import Sequence
 from splitnode.engine.streams import STREAMS
 from splitnode.model.attention import LayerHook
@@ -137,7 +137,16 @@ class Engine:
         self._record_prompt_logprobs(batch, logits, plan.prompts)
         for seq, n in zip(batch.seqs, batch.chunk_lens):
             seq.num_computed += n  # the chunk's K/V is in the cache now
-        self._append_tokens(batch, logits, plan.samples)
+        if batch.num_decodes == len(batch):  # every row samples, and no prompt logprobs could fail one
+            self._append_tokens(batch.seqs, logits)
+            return list(batch.seqs)
+        picked = [(s, r) for s, r in zip(batch.seqs, plan.samples) if r is not None and s.error is None]
+        if picked:
+            # Rows are in batch order: when every row samples they are the logits as they are, with
+            # no index to copy to the device (H4).
+            rows = logits if len(picked) == logits.shape[0] else logits.index_select(
+                0, self.streams.ids([r for _, r in picked], logits.device))
+            self._append_tokens([s for s, _ in picked], rows)
         return [s for s, r in zip(batch.seqs, plan.samples) if r is not None or s.error is not None]
 
     def step(self, hook_for: Callable[[Batch], LayerHook | None] | None = None) -> tuple[Batch, list[Sequence]]:
@@ -187,16 +196,16 @@ class Engine:
             except Exception as e:  # this sequence's own: the others' rows are fine
                 self._fail(seq, "prompt logprobs", e)
 
-    def _append_tokens(self, batch: Batch, logits: torch.Tensor, samples: list[int | None]) -> None:
-        """Samples the next token of every sequence whose chunk reached its end and appends it."""
-        picked = [(s, r) for s, r in zip(batch.seqs, samples) if r is not None and s.error is None]
-        if not picked:
+    def _append_tokens(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
+        """Samples the next token of each sequence from its row of logits and appends it."""
+        if all(s.plain_greedy for s in seqs):  # an argmax, and nothing that can fail per row
+            now = time.perf_counter()
+            for seq, token in zip(seqs, argmax(rows).tolist()):
+                seq.append_token(token, now)
+                if seq.finish_reason is not None:
+                    self.batcher.remove(seq)
+                    seq.finish(seq.finish_reason)
             return
-        seqs = [s for s, _ in picked]
-        # Rows are in batch order: when every row samples (a decode batch) they are the logits as
-        # they are, with no index to copy to the device (H4).
-        rows = logits if len(picked) == logits.shape[0] else logits.index_select(
-            0, self.streams.ids([r for _, r in picked], logits.device))
         now = time.perf_counter()
         for seq, result in zip(seqs, self._sample_isolated(seqs, rows)):
             if isinstance(result, Exception):
@@ -230,8 +239,6 @@ class Engine:
     def _sample_rows(seqs: list[Sequence], rows: torch.Tensor) -> list[_Sampled | Exception]:
         """The next token of each sequence (penalties applied), with its logprobs if it asked; an
         exception in place of a row whose distribution is not one (NaN or inf in its logits)."""
-        if all(s.plain_greedy for s in seqs):  # what `sample` does for these, without its per-row lists
-            return [(t, None) for t in rows.argmax(dim=-1).tolist()]
         tokens = sample(rows, [s.params for s in seqs], [s.seed for s in seqs], [len(s.token_ids) for s in seqs],
                         [s.token_ids for s in seqs])
         ids = tokens.tolist()  # the step's one wait for the device

@@ -206,7 +206,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     logits = _penalise(logits, params, histories)
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
     if len(greedy) == n:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     u = uniforms(seeds, positions)
     filtered = [i for i, p in enumerate(params) if not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0)]
     plain = [i for i, p in enumerate(params) if not p.is_greedy and not (p.top_k > 0 or p.top_p < 1.0)]
@@ -215,13 +215,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
         if not rows:
             continue
         x = _take(logits, rows)
-        tokens = x.argmax(dim=-1) if draw is None else draw(x, [params[i] for i in rows], u[rows])
+        tokens = argmax(x) if draw is None else draw(x, [params[i] for i in rows], u[rows])
         if len(rows) == n:
             return tokens
         if out is None:
             out = torch.empty(n, dtype=torch.int64, device=logits.device)
         out.index_copy_(0, _on(logits.device, rows, np.int64), tokens)
     return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of logits [n, V]: in one C pass for float32 CPU rows (kernels/cpu.py)."""
+    if x.dtype == torch.float32 and x.stride(-1) == 1 and cpu_kernels.supports(x):
+        return cpu_kernels.argmax(x)
+    return x.argmax(dim=-1)
 
 
 def _on(device: torch.device, values, dtype) -> torch.Tensor:

@@ -133,6 +133,19 @@ def test_prefill_attention(dtype, lq, lk, h, hkv, d):
         torch.testing.assert_close(out[1:-1], want, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("vocab", [1, 5, 16, 17, 261, 4096, 49152 + 3])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # 40 x 49155 crosses the size the argmax goes parallel at
+def test_argmax_is_torchs(vocab, rows):
+    x = rand(rows, vocab + 9, dtype=torch.float32, scale=3)[:, 4:vocab + 4]  # strided rows
+    x[0, vocab // 2] = x[0].max()  # a tie: the first wins
+    x[-1] = float("-inf")  # no finite logit: id 0, as torch
+    if rows > 1 and vocab > 3:
+        x[1, vocab - 1], x[1, 2] = float("nan"), float("nan")  # the first NaN wins
+    if rows > 2:
+        x[2, vocab - 1] = float("inf")  # past the last whole vector of 16
+    assert torch.equal(cpu.argmax(x), x.argmax(dim=-1))
+
+
 def test_the_build_has_the_avx512_forms_where_the_cpu_has_avx512():
     assert cpu.built_with_avx512() == (" avx512f" in cpu._cpu_flags())
 
