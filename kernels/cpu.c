@@ -736,7 +736,9 @@ void sample_plain(const float *x, int64_t sx, int64_t m, int64_t vocab, const fl
  * and every id tied with its last). No sort: only candidates are looked at, the ids that can be
  * kept, found by comparing logits (the ids under (1 - top_p) / V of the mass cannot be, nor those
  * under the k-th largest block maximum for top-k), and theta is a weighted quickselect over them.
- * The draw is the inverse CDF over the kept ids in vocabulary order. out: the id or -1. */
+ * The draw is the inverse CDF over the kept ids in vocabulary order. out: the id or -1. Rows with
+ * top-p alone (the common request) read the row once (top_p_row); the others three times: the
+ * maximum, the mass, the candidates. */
 
 /* The smallest value v of a[0..n) with (sum of w(a_j) over a_j > v) <= limit, w = a (mass) or 1
  * (count); a is reordered. `above` is the weight of values above the range already set aside. */
@@ -775,33 +777,273 @@ static float select_threshold(float *a, int64_t n, double limit, int by_mass) {
 }
 
 /* select_threshold by mass for values in (0, 1], through a histogram on their float bits first:
- * the quickselect then runs on the one bucket the answer is in, not on every candidate. */
-#define HIST_SHIFT 19
+ * the quickselect then runs on the one bucket the answer is in, not on every candidate. Four
+ * histograms, a value's by its index: a run of values in one bucket would otherwise chain each add
+ * on the store of the one before. */
+#define HIST_SHIFT 20
 #define HIST_BUCKETS ((0x3F800000u >> HIST_SHIFT) + 1)
 static float select_by_mass(float *a, int64_t n, double limit) {
     if (n < 512) return select_threshold(a, n, limit, 1);
-    double *mass = calloc(HIST_BUCKETS, sizeof(double));
+    double *mass = calloc(4 * HIST_BUCKETS, sizeof(double));
     for (int64_t i = 0; i < n; i++) {
         uint32_t b;
         memcpy(&b, &a[i], 4);
-        mass[b >> HIST_SHIFT] += a[i];
+        mass[(i & 3) * HIST_BUCKETS + (b >> HIST_SHIFT)] += a[i];
     }
     double above = 0.0;
     int64_t key = HIST_BUCKETS - 1;
-    for (; key > 0 && above + mass[key] <= limit; key--) above += mass[key];
+    for (; key > 0; key--) {
+        double here = mass[key] + mass[HIST_BUCKETS + key] + mass[2 * HIST_BUCKETS + key] + mass[3 * HIST_BUCKETS + key];
+        if (above + here > limit) break;
+        above += here;
+    }
     free(mass);
     int64_t m = 0; /* the bucket's values to the front (the others are not needed after) */
-    float smallest = a[0];
     for (int64_t i = 0; i < n; i++) { /* branch-free: which bucket a value is in is a coin toss */
         float v = a[i];
         uint32_t b;
         memcpy(&b, &v, 4);
-        smallest = v < smallest ? v : smallest;
         a[m] = v;
         m += (int64_t)(b >> HIST_SHIFT) == key;
     }
-    if (!m) return smallest; /* every value fits under the limit: the smallest is the answer */
+    if (!m) { /* every value fits under the limit: the smallest is the answer */
+        float smallest = a[0];
+        _Pragma("omp simd reduction(min : smallest)")
+        for (int64_t i = 0; i < n; i++) smallest = a[i] < smallest ? a[i] : smallest;
+        return smallest;
+    }
     return select_threshold(a, m, limit - above, 1);
+}
+
+/* The kept set's draw from its candidates ids[0..nc) (in vocabulary order, a superset of the kept
+ * ids): theta from top-k, min_p and top-p as described above, then the inverse CDF at u over the
+ * kept ids in vocabulary order. total: the row's mass relative to `top`. -1: no mass kept. */
+static int64_t draw_kept(const float *row, const int32_t *ids, int64_t nc, float top, float inv_t, int64_t k,
+                         int64_t vocab, float top_p, float min_p, double total, double u) {
+    int64_t pick = -1;
+    float *e = malloc(sizeof(float) * (2 * (size_t)nc + 16)), *work = e + nc; /* work: 16 past, for whole stores */
+    int64_t c0 = 0;
+#ifdef __AVX512F__
+    for (__m512 tv = _mm512_set1_ps(top), it = _mm512_set1_ps(inv_t); c0 + 16 <= nc; c0 += 16) {
+        __m512 v = _mm512_i32gather_ps(_mm512_loadu_si512(ids + c0), row, 4);
+        _mm512_storeu_ps(e + c0, exp512(_mm512_mul_ps(_mm512_sub_ps(v, tv), it)));
+    }
+#endif
+    for (int64_t c = c0; c < nc; c++) e[c] = exp_f((row[ids[c]] - top) * inv_t);
+    float theta = 0.f;
+    double mass_k = total;
+    if (k < vocab && nc) {
+        memcpy(work, e, sizeof(float) * (size_t)nc);
+        theta = select_threshold(work, nc, (double)(k - 1), 0);
+        mass_k = 0.0;
+        for (int64_t c = 0; c < nc; c++) mass_k += e[c] >= theta ? e[c] : 0.f;
+    }
+    if (min_p > theta) theta = min_p;
+    if (top_p < 1.f && nc) {
+        int64_t nk = 0;
+        for (int64_t c = 0; c < nc; c++) if (e[c] >= theta) work[nk++] = e[c];
+        float tp = nk ? select_by_mass(work, nk, top_p * mass_k) : theta;
+        theta = tp > theta ? tp : theta;
+    }
+    /* the kept ids and their e, in order, to the front of work and kid (no branch per candidate) */
+    int32_t *kid = malloc(sizeof(int32_t) * (size_t)(nc + 16));
+    int64_t nk = 0, c = 0;
+#ifdef __AVX512F__
+    for (__m512 th = _mm512_set1_ps(theta); c + 16 <= nc; c += 16) {
+        __m512 ev = _mm512_loadu_ps(e + c);
+        __mmask16 in = _mm512_cmp_ps_mask(ev, th, _CMP_GE_OQ);
+        _mm512_storeu_ps(work + nk, _mm512_maskz_compress_ps(in, ev));
+        _mm512_storeu_si512(kid + nk, _mm512_maskz_compress_epi32(in, _mm512_loadu_si512(ids + c)));
+        nk += __builtin_popcount(in);
+    }
+#endif
+    for (; c < nc; c++) {
+        work[nk] = e[c], kid[nk] = ids[c];
+        nk += e[c] >= theta;
+    }
+    double kept = 0.0;
+    for (int64_t j = 0; j < nk; j++) kept += work[j];
+    if (kept > 0.0 && isfinite(kept)) {
+        double target = u * kept, cum = 0.0;
+        for (int64_t j = 0; j < nk; j++) {
+            pick = kid[j];
+            cum += work[j];
+            if (cum > target) break;
+        }
+    }
+    free(kid);
+    free(e);
+    return pick;
+}
+
+/* The ids of xb[0..n) (ids base..base+n) at or over fx, appended to ids[nc..]; the new count.
+ * Room for n more is the caller's. */
+static int64_t collect(const float *xb, int64_t n, int64_t base, float fx, int32_t *ids, int64_t nc) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 fv = _mm512_set1_ps(fx);
+    __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i idv = _mm512_add_epi32(lane, _mm512_set1_epi32((int)base)), step = _mm512_set1_epi32(16);
+    for (; i + 16 <= n; i += 16, idv = _mm512_add_epi32(idv, step)) { /* 16 compares at once */
+        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(xb + i), fv, _CMP_GE_OQ);
+        /* No branch on a hit (a coin toss where a tenth of the ids are candidates). Compressed in a
+         * register and stored whole: Zen 4 microcodes a compress to memory. */
+        _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hit, idv));
+        nc += __builtin_popcount(hit);
+    }
+#endif
+    for (; i < n; i++)
+        if (xb[i] >= fx) ids[nc++] = (int32_t)(base + i);
+    return nc;
+}
+
+#ifdef __AVX512F__
+/* exp(d * inv_t) for d <= 0 through 2^y: y = d * inv_t * log2(e), 2^frac(y) by a degree-6 polynomial
+ * (relative error about 1e-7), scaled by 2^round(y) in one vscalefps: 11 operations where exp512
+ * takes 16, for sums (top_p_row's block masses), not for the values a draw compares. */
+static inline __m512 exp2_neg512(__m512 d, __m512 c) {
+    __m512 y = _mm512_max_ps(_mm512_mul_ps(d, c), _mm512_set1_ps(-150.f));
+    __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381609954437e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443423412e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284771619790e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821579953142e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071233355e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994530941723e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* top-p alone (no top-k, no min_p), in one read of the row. A kept id's e is at least
+ * tau = (1 - top_p) * total / V (the ids under it hold less than the mass past top-p), and in
+ * logits that floor, t * log((1 - top_p) * Z / V) with Z the sum of exp(x / t), only rises as the
+ * row is read: the ids over the floor of the mass read so far are a superset of the final
+ * candidates. Per block of 256 ids, one pass from memory takes the block's maximum, its exps
+ * relative to the maximum so far (exp2_neg512: sums only) and its candidates; a block that rises
+ * too far over the maximum so far, and the first, take two (the maximum, then from L1 the rest).
+ * After the row: its total and final floor from the blocks, the candidates under that floor
+ * dropped, then draw_kept, as the general path. */
+static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, double u) {
+    float inv_t = 1.f / t, log_share = logf((1.f - top_p) / (float)vocab);
+    int64_t nb = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK, cap = 4 * SAMPLE_BLOCK, nc = 0;
+    float *bref = malloc(sizeof(float) * 2 * (size_t)nb), *bsum = bref + nb; /* a block's mass relative to its bref */
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
+    float run_max = -INFINITY, run_sum = 0.f; /* the mass read so far, relative to run_max */
+    float log_at = 0.f, log_max = -INFINITY, fx = -INFINITY; /* the floor, and the sum and maximum it is for */
+    int64_t pick = -1;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = row + b * SAMPLE_BLOCK;
+        int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK, i = 0;
+        float bm = -INFINITY, s = 0.f, ref = -INFINITY;
+        int bad = 0, collected = 0;
+#ifdef __AVX512F__
+        __m512 c = _mm512_set1_ps(inv_t * 1.44269504088896341f);
+        if (n == SAMPLE_BLOCK && run_max > -INFINITY) {
+            /* One pass from memory: the exps relative to the maximum so far, with the block's own
+             * maximum alongside (two passes, below, where the block rises so far above it that an
+             * exp could overflow). */
+            /* The candidates too, over the floor so far (lower than the block's own: as safe). */
+            __m512 rv = _mm512_set1_ps(run_max), mv = _mm512_set1_ps(-INFINITY), mv2 = mv;
+            __m512 sv = _mm512_setzero_ps(), sv2 = sv, fv = _mm512_set1_ps(fx);
+            __m512i step = _mm512_set1_epi32(16);
+            __m512i idv = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)(b * SAMPLE_BLOCK)));
+            __mmask16 nan = 0;
+            if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
+            int64_t nc0 = nc;
+            for (; i + 32 <= n; i += 32) {
+                __m512 v = _mm512_loadu_ps(xb + i), w = _mm512_loadu_ps(xb + i + 16);
+                nan |= _mm512_cmp_ps_mask(v, w, _CMP_UNORD_Q); /* either one NaN */
+                mv = _mm512_max_ps(mv, v);
+                mv2 = _mm512_max_ps(mv2, w);
+                sv = _mm512_add_ps(sv, exp2_neg512(_mm512_sub_ps(v, rv), c));
+                sv2 = _mm512_add_ps(sv2, exp2_neg512(_mm512_sub_ps(w, rv), c));
+                __mmask16 hv = _mm512_cmp_ps_mask(v, fv, _CMP_GE_OQ), hw = _mm512_cmp_ps_mask(w, fv, _CMP_GE_OQ);
+                _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hv, idv));
+                nc += __builtin_popcount(hv);
+                idv = _mm512_add_epi32(idv, step);
+                _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hw, idv));
+                nc += __builtin_popcount(hw);
+                idv = _mm512_add_epi32(idv, step);
+            }
+            bm = _mm512_reduce_max_ps(_mm512_max_ps(mv, mv2));
+            if (nan || bm == INFINITY) goto done; /* no distribution: -1 */
+            if ((bm - run_max) * inv_t < 60.f)
+                ref = run_max, s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2)), collected = 1;
+            else
+                i = 0, nc = nc0;
+        }
+        if (ref == -INFINITY) { /* the block's maximum, then its exps relative to it from L1 */
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            __mmask16 nan = 0;
+            for (; i + 16 <= n; i += 16) {
+                __m512 v = _mm512_loadu_ps(xb + i);
+                mv = _mm512_max_ps(mv, v);
+                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            }
+            bm = _mm512_reduce_max_ps(mv);
+            bad = nan != 0;
+        }
+#endif
+        if (ref == -INFINITY) {
+            for (; i < n; i++) {
+                bm = xb[i] > bm ? xb[i] : bm;
+                bad |= xb[i] != xb[i];
+            }
+            if (bad || bm == INFINITY) goto done; /* no distribution: -1 */
+            ref = bm;
+            i = 0;
+            if (bm > -INFINITY) {
+#ifdef __AVX512F__
+                __m512 bv = _mm512_set1_ps(bm), sv = _mm512_setzero_ps(), sv2 = _mm512_setzero_ps();
+                for (; i + 32 <= n; i += 32) { /* two chains in flight */
+                    sv = _mm512_add_ps(sv, exp2_neg512(_mm512_sub_ps(_mm512_loadu_ps(xb + i), bv), c));
+                    sv2 = _mm512_add_ps(sv2, exp2_neg512(_mm512_sub_ps(_mm512_loadu_ps(xb + i + 16), bv), c));
+                }
+                for (; i + 16 <= n; i += 16)
+                    sv = _mm512_add_ps(sv, exp2_neg512(_mm512_sub_ps(_mm512_loadu_ps(xb + i), bv), c));
+                s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2));
+#endif
+                for (; i < n; i++) s += exp_f((xb[i] - bm) * inv_t);
+            }
+        }
+        bref[b] = ref;
+        bsum[b] = s;
+        if (bm == -INFINITY) continue;
+        float hi = bm > run_max ? bm : run_max;
+        run_sum = (run_max == -INFINITY ? 0.f : run_sum * exp_f((run_max - hi) * inv_t)) + s * exp_f((ref - hi) * inv_t);
+        run_max = hi;
+        /* 2e-3 under: the final floor (1e-3 under) must not pass it through the running sum's
+         * rounding. The log again only when the sum has grown by 1% (an older, lower floor is as safe). */
+        if (run_sum > log_at * 1.01f || run_max != log_max) {
+            log_at = run_sum, log_max = run_max;
+            fx = run_max + (logf(run_sum) + log_share - 2e-3f) * t;
+        }
+        if (collected || bm < fx) continue;
+        if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
+        nc = collect(xb, n, b * SAMPLE_BLOCK, fx, ids, nc);
+    }
+    if (run_max > -INFINITY) {
+        float top = run_max;
+        double total = 0.0;
+        for (int64_t b = 0; b < nb; b++)
+            if (bsum[b] > 0.f) total += (double)bsum[b] * exp((double)(bref[b] - top) * inv_t);
+        float tau = (float)((total - top_p * total) / (double)vocab);
+        float floor_x = top + (logf(tau) - 1e-3f) * t;
+        int64_t kept = 0;
+        for (int64_t c = 0; c < nc; c++) { /* the final candidates, in order */
+            int32_t id = ids[c];
+            ids[kept] = id;
+            kept += row[id] >= floor_x;
+        }
+        if (isfinite(total)) pick = draw_kept(row, ids, kept, top, inv_t, vocab, vocab, top_p, 0.f, total, u);
+    }
+done:
+    free(ids);
+    free(bref);
+    return pick;
 }
 
 void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const float *temp, const int64_t *top_k,
@@ -811,6 +1053,10 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
         const float *row = x + r * sx;
         float t = temp[r], inv_t = 1.f / t;
         int64_t nb = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK, k = top_k[r] > 0 && top_k[r] < vocab ? top_k[r] : vocab;
+        if (k == vocab && min_p[r] <= 0.f && top_p[r] < 1.f) {
+            out[r] = top_p_row(row, vocab, t, top_p[r], u[r]);
+            continue;
+        }
         float *bmax = malloc(sizeof(float) * (size_t)nb);
         float top = -INFINITY;
         int bad = 0;
@@ -875,59 +1121,9 @@ void sample_filtered(const float *x, int64_t sx, int64_t m, int64_t vocab, const
                 if (bmax[b] < floor_x) continue;
                 int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
                 if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
-                int64_t i = 0, base = b * SAMPLE_BLOCK;
-#ifdef __AVX512F__
-                __m512 fx = _mm512_set1_ps(floor_x);
-                __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-                for (; i + 16 <= n; i += 16) { /* the ids at or over the floor, 16 compares at once */
-                    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + base + i), fx, _CMP_GE_OQ);
-                    if (hit) {
-                        __m512i idv = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(base + i)));
-                        /* compressed in a register, stored whole: Zen 4 microcodes a compress to memory */
-                        _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hit, idv));
-                        nc += __builtin_popcount(hit);
-                    }
-                }
-#endif
-                for (; i < n; i++)
-                    if (row[base + i] >= floor_x) ids[nc++] = (int32_t)(base + i);
+                nc = collect(row + b * SAMPLE_BLOCK, n, b * SAMPLE_BLOCK, floor_x, ids, nc);
             }
-            float *e = malloc(sizeof(float) * 2 * (size_t)(nc ? nc : 1)), *work = e + nc;
-            int64_t c0 = 0;
-#ifdef __AVX512F__
-            for (__m512 tv = _mm512_set1_ps(top), it = _mm512_set1_ps(inv_t); c0 + 16 <= nc; c0 += 16) {
-                __m512 v = _mm512_i32gather_ps(_mm512_loadu_si512(ids + c0), row, 4);
-                _mm512_storeu_ps(e + c0, exp512(_mm512_mul_ps(_mm512_sub_ps(v, tv), it)));
-            }
-#endif
-            for (int64_t c = c0; c < nc; c++) e[c] = exp_f((row[ids[c]] - top) * inv_t);
-            float theta = 0.f;
-            double mass_k = total;
-            if (k < vocab && nc) {
-                memcpy(work, e, sizeof(float) * (size_t)nc);
-                theta = select_threshold(work, nc, (double)(k - 1), 0);
-                mass_k = 0.0;
-                for (int64_t c = 0; c < nc; c++) mass_k += e[c] >= theta ? e[c] : 0.f;
-            }
-            if (min_p[r] > theta) theta = min_p[r];
-            if (top_p[r] < 1.f && nc) {
-                int64_t nk = 0;
-                for (int64_t c = 0; c < nc; c++) if (e[c] >= theta) work[nk++] = e[c];
-                float tp = nk ? select_by_mass(work, nk, top_p[r] * mass_k) : theta;
-                theta = tp > theta ? tp : theta;
-            }
-            double kept = 0.0;
-            for (int64_t c = 0; c < nc; c++) kept += e[c] >= theta ? e[c] : 0.f;
-            if (kept > 0.0 && isfinite(kept)) {
-                double target = u[r] * kept, cum = 0.0;
-                for (int64_t c = 0; c < nc; c++) { /* branch-free but for the end */
-                    int in = e[c] >= theta;
-                    pick = in ? ids[c] : pick;
-                    cum += in ? e[c] : 0.f;
-                    if (cum > target) break;
-                }
-            }
-            free(e);
+            pick = draw_kept(row, ids, nc, top, inv_t, k, vocab, top_p[r], min_p[r], total, u[r]);
             free(ids);
         }
         out[r] = pick;

@@ -239,3 +239,29 @@ def test_the_cpu_kernel_keeps_what_the_reference_keeps(spread):
         drawn = torch.bincount(got, minlength=3000)
         assert drawn[want == 0].sum() == 0, (p, spread)
         assert bool((drawn[want >= 0.005] > 0).all()), (p, spread)
+
+
+def test_the_one_read_top_p_path_draws_what_the_general_path_draws():
+    """kernels/cpu.c takes rows with top-p alone in one read (candidates over a floor that rises as
+    the row is read); a min_p too small to drop anything sends the same rows down the general path
+    (the row's maximum first, then its mass, then the candidates). Same kept set, same draw for a
+    given u, at a Llama-3 vocabulary; a NaN or +inf in the first block, a late one or the last
+    partial one gives -1 on either path, and a row of -inf too."""
+    from splitnode.kernels import cpu
+
+    if cpu.lib() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    vocab, n = 128256, 24
+    logits = peaked_logits(n, vocab, seed=3) * torch.linspace(0.5, 3.0, n)[:, None]  # nuclei of thousands to a few
+    logits[3, 5:300] += 40.0  # a block far over the ones read before it: the two-pass form
+    bad = {18: (7, float("nan")), 19: (90_000, float("nan")), 20: (vocab - 3, float("inf")), 21: (60_000, float("inf"))}
+    for row, (col, value) in bad.items():
+        logits[row, col] = value
+    logits[22] = float("-inf")
+    k = 6  # draws per row
+    rows, u = logits.repeat_interleave(k, 0), np.random.default_rng(0).random(n * k)
+    alone = cpu.sample_filtered(rows, [SamplingParams(top_p=0.9, temperature=0.8)] * (n * k), u).view(n, k)
+    general = cpu.sample_filtered(rows, [SamplingParams(top_p=0.9, temperature=0.8, min_p=1e-30)] * (n * k), u).view(n, k)
+    assert torch.equal(alone, general), (alone, general)
+    assert bool((alone[[*bad, 22]] == -1).all()) and bool((alone[:18] >= 0).all())
+    assert len(set(alone[:3].flatten().tolist())) == 3 * k  # wide nuclei: every draw its own id
