@@ -876,21 +876,27 @@ static int64_t draw_kept(const float *row, const int32_t *ids, int64_t nc, float
     return pick;
 }
 
+#ifdef __AVX512F__
+/* The ids idv of the 16 values v at or over fv, appended to ids[nc..] (room for 16); the new count.
+ * No branch on a hit (a coin toss where a tenth of the ids are candidates). Compressed in a
+ * register and stored whole: Zen 4 microcodes a compress to memory. */
+static inline int64_t collect16(__m512 v, __m512 fv, __m512i idv, int32_t *ids, int64_t nc) {
+    __mmask16 hit = _mm512_cmp_ps_mask(v, fv, _CMP_GE_OQ);
+    _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hit, idv));
+    return nc + __builtin_popcount(hit);
+}
+#endif
+
 /* The ids of xb[0..n) (ids base..base+n) at or over fx, appended to ids[nc..]; the new count.
  * Room for n more is the caller's. */
 static int64_t collect(const float *xb, int64_t n, int64_t base, float fx, int32_t *ids, int64_t nc) {
     int64_t i = 0;
 #ifdef __AVX512F__
     __m512 fv = _mm512_set1_ps(fx);
-    __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i idv = _mm512_add_epi32(lane, _mm512_set1_epi32((int)base)), step = _mm512_set1_epi32(16);
-    for (; i + 16 <= n; i += 16, idv = _mm512_add_epi32(idv, step)) { /* 16 compares at once */
-        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(xb + i), fv, _CMP_GE_OQ);
-        /* No branch on a hit (a coin toss where a tenth of the ids are candidates). Compressed in a
-         * register and stored whole: Zen 4 microcodes a compress to memory. */
-        _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hit, idv));
-        nc += __builtin_popcount(hit);
-    }
+    __m512i idv = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                   _mm512_set1_epi32((int)base));
+    for (; i + 16 <= n; i += 16, idv = _mm512_add_epi32(idv, _mm512_set1_epi32(16)))
+        nc = collect16(_mm512_loadu_ps(xb + i), fv, idv, ids, nc);
 #endif
     for (; i < n; i++)
         if (xb[i] >= fx) ids[nc++] = (int32_t)(base + i);
@@ -898,10 +904,11 @@ static int64_t collect(const float *xb, int64_t n, int64_t base, float fx, int32
 }
 
 #ifdef __AVX512F__
-/* exp(d * inv_t) for d <= 0 through 2^y: y = d * inv_t * log2(e), 2^frac(y) by a degree-6 polynomial
- * (relative error about 1e-7), scaled by 2^round(y) in one vscalefps: 11 operations where exp512
- * takes 16, for sums (top_p_row's block masses), not for the values a draw compares. */
-static inline __m512 exp2_neg512(__m512 d, __m512 c) {
+/* exp(d * inv_t) (c = inv_t * log2(e); d * inv_t up to ~80) through 2^y: y = d * c, 2^frac(y) by a
+ * degree-6 polynomial (relative error about 1e-7 near 0, 4e-6 at -83), scaled by 2^round(y) in one
+ * vscalefps: 11 operations where exp512 takes 16. For sums (top_p_row's block masses), not for the
+ * values a draw compares. */
+static inline __m512 exp2_fast512(__m512 d, __m512 c) {
     __m512 y = _mm512_max_ps(_mm512_mul_ps(d, c), _mm512_set1_ps(-150.f));
     __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_sub_ps(y, n);
@@ -916,15 +923,56 @@ static inline __m512 exp2_neg512(__m512 d, __m512 c) {
 }
 #endif
 
+/* One block xb[0..n) (ids base..base+n) in one pass: its maximum (*bm), whether it holds a NaN
+ * (*bad), its ids at or over fx appended to ids[*nc..] (room for n more), and its mass relative
+ * to ref, returned: the sum of exp((x - ref) / t), ref at most ~80 t under the block's maximum. */
+static float block_mass(const float *xb, int64_t n, int64_t base, float ref, float inv_t, float fx, int32_t *ids,
+                        int64_t *nc, float *bm, int *bad) {
+    float m = -INFINITY, s = 0.f;
+    int64_t i = 0, k = *nc;
+    int nan = 0;
+#ifdef __AVX512F__
+    __m512 rv = _mm512_set1_ps(ref), c = _mm512_set1_ps(inv_t * 1.44269504088896341f), fv = _mm512_set1_ps(fx);
+    __m512 mv = _mm512_set1_ps(-INFINITY), mv2 = mv, sv = _mm512_setzero_ps(), sv2 = sv;
+    __m512i idv = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                   _mm512_set1_epi32((int)base)), step = _mm512_set1_epi32(16);
+    __mmask16 un = 0;
+    for (; i + 32 <= n; i += 32) { /* two chains in flight */
+        __m512 v = _mm512_loadu_ps(xb + i), w = _mm512_loadu_ps(xb + i + 16);
+        un |= _mm512_cmp_ps_mask(v, w, _CMP_UNORD_Q); /* either one NaN */
+        mv = _mm512_max_ps(mv, v);
+        mv2 = _mm512_max_ps(mv2, w);
+        sv = _mm512_add_ps(sv, exp2_fast512(_mm512_sub_ps(v, rv), c));
+        sv2 = _mm512_add_ps(sv2, exp2_fast512(_mm512_sub_ps(w, rv), c));
+        k = collect16(v, fv, idv, ids, k);
+        idv = _mm512_add_epi32(idv, step);
+        k = collect16(w, fv, idv, ids, k);
+        idv = _mm512_add_epi32(idv, step);
+    }
+    m = _mm512_reduce_max_ps(_mm512_max_ps(mv, mv2));
+    s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2));
+    nan = un != 0;
+#endif
+    for (; i < n; i++) {
+        m = xb[i] > m ? xb[i] : m;
+        nan |= xb[i] != xb[i];
+        s += exp_f((xb[i] - ref) * inv_t);
+        ids[k] = (int32_t)(base + i);
+        k += xb[i] >= fx;
+    }
+    *bm = m, *bad = nan, *nc = k;
+    return s;
+}
+
 /* top-p alone (no top-k, no min_p), in one read of the row. A kept id's e is at least
  * tau = (1 - top_p) * total / V (the ids under it hold less than the mass past top-p), and in
  * logits that floor, t * log((1 - top_p) * Z / V) with Z the sum of exp(x / t), only rises as the
  * row is read: the ids over the floor of the mass read so far are a superset of the final
- * candidates. Per block of 256 ids, one pass from memory takes the block's maximum, its exps
- * relative to the maximum so far (exp2_neg512: sums only) and its candidates; a block that rises
- * too far over the maximum so far, and the first, take two (the maximum, then from L1 the rest).
- * After the row: its total and final floor from the blocks, the candidates under that floor
- * dropped, then draw_kept, as the general path. */
+ * candidates. Per block of 256 ids, one pass from memory takes its maximum, its mass relative to
+ * the maximum so far and its candidates over the floor before it (block_mass; the first block
+ * takes its maximum first, and one that rises so far over the maximum so far that an exp could
+ * overflow is read again from L1, relative to its own). After the row: its total and final floor from the blocks, the
+ * candidates under that floor dropped, then draw_kept, as the general path. */
 static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, double u) {
     float inv_t = 1.f / t, log_share = logf((1.f - top_p) / (float)vocab);
     int64_t nb = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK, cap = 4 * SAMPLE_BLOCK, nc = 0;
@@ -935,80 +983,24 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
     int64_t pick = -1;
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = row + b * SAMPLE_BLOCK;
-        int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK, i = 0;
-        float bm = -INFINITY, s = 0.f, ref = -INFINITY;
-        int bad = 0, collected = 0;
-#ifdef __AVX512F__
-        __m512 c = _mm512_set1_ps(inv_t * 1.44269504088896341f);
-        if (n == SAMPLE_BLOCK && run_max > -INFINITY) {
-            /* One pass from memory: the exps relative to the maximum so far, with the block's own
-             * maximum alongside (two passes, below, where the block rises so far above it that an
-             * exp could overflow). */
-            /* The candidates too, over the floor so far (lower than the block's own: as safe). */
-            __m512 rv = _mm512_set1_ps(run_max), mv = _mm512_set1_ps(-INFINITY), mv2 = mv;
-            __m512 sv = _mm512_setzero_ps(), sv2 = sv, fv = _mm512_set1_ps(fx);
-            __m512i step = _mm512_set1_epi32(16);
-            __m512i idv = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)(b * SAMPLE_BLOCK)));
-            __mmask16 nan = 0;
-            if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
-            int64_t nc0 = nc;
-            for (; i + 32 <= n; i += 32) {
-                __m512 v = _mm512_loadu_ps(xb + i), w = _mm512_loadu_ps(xb + i + 16);
-                nan |= _mm512_cmp_ps_mask(v, w, _CMP_UNORD_Q); /* either one NaN */
-                mv = _mm512_max_ps(mv, v);
-                mv2 = _mm512_max_ps(mv2, w);
-                sv = _mm512_add_ps(sv, exp2_neg512(_mm512_sub_ps(v, rv), c));
-                sv2 = _mm512_add_ps(sv2, exp2_neg512(_mm512_sub_ps(w, rv), c));
-                __mmask16 hv = _mm512_cmp_ps_mask(v, fv, _CMP_GE_OQ), hw = _mm512_cmp_ps_mask(w, fv, _CMP_GE_OQ);
-                _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hv, idv));
-                nc += __builtin_popcount(hv);
-                idv = _mm512_add_epi32(idv, step);
-                _mm512_storeu_si512(ids + nc, _mm512_maskz_compress_epi32(hw, idv));
-                nc += __builtin_popcount(hw);
-                idv = _mm512_add_epi32(idv, step);
-            }
-            bm = _mm512_reduce_max_ps(_mm512_max_ps(mv, mv2));
-            if (nan || bm == INFINITY) goto done; /* no distribution: -1 */
-            if ((bm - run_max) * inv_t < 60.f)
-                ref = run_max, s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2)), collected = 1;
-            else
-                i = 0, nc = nc0;
-        }
-        if (ref == -INFINITY) { /* the block's maximum, then its exps relative to it from L1 */
-            __m512 mv = _mm512_set1_ps(-INFINITY);
-            __mmask16 nan = 0;
-            for (; i + 16 <= n; i += 16) {
-                __m512 v = _mm512_loadu_ps(xb + i);
-                mv = _mm512_max_ps(mv, v);
-                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            }
-            bm = _mm512_reduce_max_ps(mv);
-            bad = nan != 0;
-        }
-#endif
-        if (ref == -INFINITY) {
-            for (; i < n; i++) {
-                bm = xb[i] > bm ? xb[i] : bm;
+        int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+        float ref = run_max, bm = -INFINITY, s = 0.f;
+        int bad = 0;
+        if (ref == -INFINITY) { /* nothing finite yet: the block's own maximum */
+            _Pragma("omp simd reduction(max : ref) reduction(| : bad)")
+            for (int64_t i = 0; i < n; i++) {
+                ref = xb[i] > ref ? xb[i] : ref;
                 bad |= xb[i] != xb[i];
             }
-            if (bad || bm == INFINITY) goto done; /* no distribution: -1 */
-            ref = bm;
-            i = 0;
-            if (bm > -INFINITY) {
-#ifdef __AVX512F__
-                __m512 bv = _mm512_set1_ps(bm), sv = _mm512_setzero_ps(), sv2 = _mm512_setzero_ps();
-                for (; i + 32 <= n; i += 32) { /* two chains in flight */
-                    sv = _mm512_add_ps(sv, exp2_neg512(_mm512_sub_ps(_mm512_loadu_ps(xb + i), bv), c));
-                    sv2 = _mm512_add_ps(sv2, exp2_neg512(_mm512_sub_ps(_mm512_loadu_ps(xb + i + 16), bv), c));
-                }
-                for (; i + 16 <= n; i += 16)
-                    sv = _mm512_add_ps(sv, exp2_neg512(_mm512_sub_ps(_mm512_loadu_ps(xb + i), bv), c));
-                s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2));
-#endif
-                for (; i < n; i++) s += exp_f((xb[i] - bm) * inv_t);
-            }
         }
+        if (ref > -INFINITY && !bad) {
+            if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
+            int64_t nc0 = nc;
+            s = block_mass(xb, n, b * SAMPLE_BLOCK, ref, inv_t, fx, ids, &nc, &bm, &bad);
+            if ((bm - ref) * inv_t > 60.f) /* its exps could overflow: again, relative to its own maximum */
+                nc = nc0, s = block_mass(xb, n, b * SAMPLE_BLOCK, ref = bm, inv_t, fx, ids, &nc, &bm, &bad);
+        }
+        if (bad || bm == INFINITY || ref == INFINITY) goto done; /* no distribution: -1 */
         bref[b] = ref;
         bsum[b] = s;
         if (bm == -INFINITY) continue;
@@ -1021,9 +1013,6 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
             log_at = run_sum, log_max = run_max;
             fx = run_max + (logf(run_sum) + log_share - 2e-3f) * t;
         }
-        if (collected || bm < fx) continue;
-        if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
-        nc = collect(xb, n, b * SAMPLE_BLOCK, fx, ids, nc);
     }
     if (run_max > -INFINITY) {
         float top = run_max;

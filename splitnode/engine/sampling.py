@@ -224,9 +224,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     return out
 
 
+def _c_kernels(x: torch.Tensor) -> bool:
+    """Whether kernels/cpu.py samples these logits: float32 on a CPU where the C kernels are built."""
+    return x.dtype == torch.float32 and cpu_kernels.supports(x)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(dim=-1) of logits [n, V]: in one C pass for float32 CPU rows (kernels/cpu.py)."""
-    if x.dtype == torch.float32 and x.stride(-1) == 1 and cpu_kernels.supports(x):
+    if x.stride(-1) == 1 and _c_kernels(x):
         return cpu_kernels.argmax(x)
     return x.argmax(dim=-1)
 
@@ -293,7 +298,7 @@ def _plain(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
 def _draw_plain(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> torch.Tensor:
     """Rows that keep the whole vocabulary (but for min_p): inverse CDF in vocabulary order, found
     in two levels, block sums then the block, so that no pass over the rows is a cumulative sum."""
-    if x.dtype == torch.float32 and cpu_kernels.supports(x):  # the same draw in one read of each row
+    if _c_kernels(x):  # the same draw in one read of each row
         return cpu_kernels.sample_plain(x.contiguous(), [p.temperature for p in ps], [p.min_p for p in ps], u)
     probs = _plain(x, ps)
     dev = x.device
@@ -312,7 +317,7 @@ def _draw_plain(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> tor
 def _draw_filtered(x: torch.Tensor, ps: list[SamplingParams], u: np.ndarray) -> torch.Tensor:
     """Rows with top-k or top-p: inverse CDF over their kept ids in descending order (on the CPU
     with its C kernels: the same kept ids, found without a sort, drawn in vocabulary order)."""
-    if x.dtype == torch.float32 and cpu_kernels.supports(x):
+    if _c_kernels(x):
         return cpu_kernels.sample_filtered(x.contiguous(), ps, u)
     out = None
     for rows, ids, kept in _filtered(*_probs(x, ps), ps):
