@@ -354,6 +354,24 @@ static inline __m512 exp512(__m512 x) { /* exp_f's polynomial with FMAs, scaled 
 /* One row's step of 32 scores s[2] in the online softmax: the keys past the row's `see` masked,
  * the running maximum m and sum l updated, the step's weights p0/p1 (relative to the new
  * maximum); returns the factor the row's output so far is rescaled by. */
+/* exp(d * inv_t) (c = inv_t * log2(e); d * inv_t up to ~80) through 2^y: y = d * c, 2^frac(y) by a
+ * degree-5 near-minimax polynomial (relative error 2.4e-7 in float, to 4e-6 at -83 through y's
+ * rounding), scaled by 2^round(y) in one vscalefps: 10 operations where exp512 takes 16. NaN and
+ * +inf in d give NaN (the clamp keeps its second operand's NaN). For sums (the block masses of
+ * sample_plain and top_p_row), not for the values a draw compares. */
+static inline __m512 exp2_fast512(__m512 d, __m512 c) {
+    __m512 y = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_mul_ps(d, c));
+    __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_set1_ps(1.3276471291e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6755418926e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5507130921e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022120237e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314694405e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192f));
+    return _mm512_scalef_ps(p, n);
+}
+
 static inline float online_softmax(__m512 s[2], int64_t see, float *m, float *l, __m512 *p0, __m512 *p1) {
     if (see < 32) {
         __mmask16 m0 = see >= 16 ? 0xffff : see <= 0 ? 0 : (__mmask16)((1u << see) - 1);
@@ -669,12 +687,11 @@ void sample_plain(const float *x, int64_t sx, int64_t m, int64_t vocab, const fl
                     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
                 }
                 bm = _mm512_reduce_max_ps(mv);
-                __m512 bmv = _mm512_set1_ps(bm), it = _mm512_set1_ps(inv_t), fl = _mm512_set1_ps(floor_logit);
-                __m512 sv2 = _mm512_setzero_ps();
+                __m512 bmv = _mm512_set1_ps(bm), c = _mm512_set1_ps(inv_t * 1.44269504088896341f);
+                __m512 fl = _mm512_set1_ps(floor_logit), sv2 = _mm512_setzero_ps();
                 for (int64_t i = 0; i < n; i += 32) { /* two chains in flight */
                     __m512 v = _mm512_loadu_ps(xb + i), w = _mm512_loadu_ps(xb + i + 16);
-                    __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(v, bmv), it));
-                    __m512 f = exp512(_mm512_mul_ps(_mm512_sub_ps(w, bmv), it));
+                    __m512 e = exp2_fast512(_mm512_sub_ps(v, bmv), c), f = exp2_fast512(_mm512_sub_ps(w, bmv), c);
                     if (min_p[r] > 0.f) {
                         e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, fl, _CMP_GE_OQ), e);
                         f = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, fl, _CMP_GE_OQ), f);
@@ -841,7 +858,10 @@ static int64_t draw_kept(const float *row, const int32_t *ids, int64_t nc, float
     if (min_p > theta) theta = min_p;
     if (top_p < 1.f && nc) {
         int64_t nk = 0;
-        for (int64_t c = 0; c < nc; c++) if (e[c] >= theta) work[nk++] = e[c];
+        if (theta <= 0.f) /* every e (>= 0) is at or over it: top-p alone */
+            memcpy(work, e, sizeof(float) * (size_t)(nk = nc));
+        else
+            for (int64_t c = 0; c < nc; c++) work[nk] = e[c], nk += e[c] >= theta;
         float tp = nk ? select_by_mass(work, nk, top_p * mass_k) : theta;
         theta = tp > theta ? tp : theta;
     }
@@ -903,29 +923,11 @@ static int64_t collect(const float *xb, int64_t n, int64_t base, float fx, int32
     return nc;
 }
 
-#ifdef __AVX512F__
-/* exp(d * inv_t) (c = inv_t * log2(e); d * inv_t up to ~80) through 2^y: y = d * c, 2^frac(y) by a
- * degree-6 polynomial (relative error about 1e-7 near 0, 4e-6 at -83), scaled by 2^round(y) in one
- * vscalefps: 11 operations where exp512 takes 16. For sums (top_p_row's block masses), not for the
- * values a draw compares. */
-static inline __m512 exp2_fast512(__m512 d, __m512 c) {
-    __m512 y = _mm512_max_ps(_mm512_mul_ps(d, c), _mm512_set1_ps(-150.f));
-    __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(y, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381609954437e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443423412e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284771619790e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821579953142e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071233355e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994530941723e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
 
-/* One block xb[0..n) (ids base..base+n) in one pass: its maximum (*bm), whether it holds a NaN
- * (*bad), its ids at or over fx appended to ids[*nc..] (room for n more), and its mass relative
- * to ref, returned: the sum of exp((x - ref) / t), ref at most ~80 t under the block's maximum. */
+/* One block xb[0..n) (ids base..base+n) in one pass: its maximum (*bm), whether it holds a NaN or
+ * +inf (*bad), its ids at or over fx appended to ids[*nc..] (room for n more), and its mass
+ * relative to ref, returned: the sum of exp((x - ref) / t), ref at most ~80 t under the block's
+ * maximum (over it, the sum is +inf). A NaN or +inf makes the vector sum NaN: no compare for it. */
 static float block_mass(const float *xb, int64_t n, int64_t base, float ref, float inv_t, float fx, int32_t *ids,
                         int64_t *nc, float *bm, int *bad) {
     float m = -INFINITY, s = 0.f;
@@ -936,10 +938,8 @@ static float block_mass(const float *xb, int64_t n, int64_t base, float ref, flo
     __m512 mv = _mm512_set1_ps(-INFINITY), mv2 = mv, sv = _mm512_setzero_ps(), sv2 = sv;
     __m512i idv = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                    _mm512_set1_epi32((int)base)), step = _mm512_set1_epi32(16);
-    __mmask16 un = 0;
     for (; i + 32 <= n; i += 32) { /* two chains in flight */
         __m512 v = _mm512_loadu_ps(xb + i), w = _mm512_loadu_ps(xb + i + 16);
-        un |= _mm512_cmp_ps_mask(v, w, _CMP_UNORD_Q); /* either one NaN */
         mv = _mm512_max_ps(mv, v);
         mv2 = _mm512_max_ps(mv2, w);
         sv = _mm512_add_ps(sv, exp2_fast512(_mm512_sub_ps(v, rv), c));
@@ -951,11 +951,11 @@ static float block_mass(const float *xb, int64_t n, int64_t base, float ref, flo
     }
     m = _mm512_reduce_max_ps(_mm512_max_ps(mv, mv2));
     s = _mm512_reduce_add_ps(_mm512_add_ps(sv, sv2));
-    nan = un != 0;
+    nan = s != s;
 #endif
     for (; i < n; i++) {
         m = xb[i] > m ? xb[i] : m;
-        nan |= xb[i] != xb[i];
+        nan |= xb[i] != xb[i] || xb[i] == INFINITY;
         s += exp_f((xb[i] - ref) * inv_t);
         ids[k] = (int32_t)(base + i);
         k += xb[i] >= fx;
@@ -968,22 +968,25 @@ static float block_mass(const float *xb, int64_t n, int64_t base, float ref, flo
  * tau = (1 - top_p) * total / V (the ids under it hold less than the mass past top-p), and in
  * logits that floor, t * log((1 - top_p) * Z / V) with Z the sum of exp(x / t), only rises as the
  * row is read: the ids over the floor of the mass read so far are a superset of the final
- * candidates. Per block of 256 ids, one pass from memory takes its maximum, its mass relative to
- * the maximum so far and its candidates over the floor before it (block_mass; the first block
- * takes its maximum first, and one that rises so far over the maximum so far that an exp could
- * overflow is read again from L1, relative to its own). After the row: its total and final floor from the blocks, the
- * candidates under that floor dropped, then draw_kept, as the general path. */
+ * candidates. Per block of TOP_P_BLOCK ids, one pass from memory takes its maximum, its mass
+ * relative to the maximum so far and its candidates over the floor before it (block_mass; the
+ * first block takes its maximum first, and one that rises so far over the maximum so far that an
+ * exp could overflow is read again from L1, relative to its own). The mass so far is rescaled
+ * only when the maximum rises (a few times a row), the floor's log taken again only when the mass
+ * has grown by 1%. After the row: the final floor, the candidates under it dropped (compacted in
+ * place), then draw_kept, as the general path. */
+#define TOP_P_BLOCK 1024 /* its reductions and floor update amortised over 4x SAMPLE_BLOCK's ids */
 static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, double u) {
     float inv_t = 1.f / t, log_share = logf((1.f - top_p) / (float)vocab);
-    int64_t nb = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK, cap = 4 * SAMPLE_BLOCK, nc = 0;
-    float *bref = malloc(sizeof(float) * 2 * (size_t)nb), *bsum = bref + nb; /* a block's mass relative to its bref */
+    int64_t nb = (vocab + TOP_P_BLOCK - 1) / TOP_P_BLOCK, cap = 4 * TOP_P_BLOCK, nc = 0;
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
     float run_max = -INFINITY, run_sum = 0.f; /* the mass read so far, relative to run_max */
+    double total = 0.0; /* the same, in double: the row's mass for the draw */
     float log_at = 0.f, log_max = -INFINITY, fx = -INFINITY; /* the floor, and the sum and maximum it is for */
     int64_t pick = -1;
     for (int64_t b = 0; b < nb; b++) {
-        const float *xb = row + b * SAMPLE_BLOCK;
-        int64_t n = vocab - b * SAMPLE_BLOCK < SAMPLE_BLOCK ? vocab - b * SAMPLE_BLOCK : SAMPLE_BLOCK;
+        const float *xb = row + b * TOP_P_BLOCK;
+        int64_t n = vocab - b * TOP_P_BLOCK < TOP_P_BLOCK ? vocab - b * TOP_P_BLOCK : TOP_P_BLOCK;
         float ref = run_max, bm = -INFINITY, s = 0.f;
         int bad = 0;
         if (ref == -INFINITY) { /* nothing finite yet: the block's own maximum */
@@ -996,17 +999,21 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
         if (ref > -INFINITY && !bad) {
             if (nc + n > cap) ids = realloc(ids, sizeof(int32_t) * (size_t)(cap = 2 * (nc + n)));
             int64_t nc0 = nc;
-            s = block_mass(xb, n, b * SAMPLE_BLOCK, ref, inv_t, fx, ids, &nc, &bm, &bad);
+            s = block_mass(xb, n, b * TOP_P_BLOCK, ref, inv_t, fx, ids, &nc, &bm, &bad);
             if ((bm - ref) * inv_t > 60.f) /* its exps could overflow: again, relative to its own maximum */
-                nc = nc0, s = block_mass(xb, n, b * SAMPLE_BLOCK, ref = bm, inv_t, fx, ids, &nc, &bm, &bad);
+                nc = nc0, s = block_mass(xb, n, b * TOP_P_BLOCK, ref = bm, inv_t, fx, ids, &nc, &bm, &bad);
         }
         if (bad || bm == INFINITY || ref == INFINITY) goto done; /* no distribution: -1 */
-        bref[b] = ref;
-        bsum[b] = s;
         if (bm == -INFINITY) continue;
-        float hi = bm > run_max ? bm : run_max;
-        run_sum = (run_max == -INFINITY ? 0.f : run_sum * exp_f((run_max - hi) * inv_t)) + s * exp_f((ref - hi) * inv_t);
-        run_max = hi;
+        if (ref == run_max && bm <= run_max) { /* most blocks: the maximum stands, no rescale */
+            run_sum += s, total += s;
+        } else { /* a new maximum: the mass so far rescaled to it (ref is run_max or bm) */
+            float hi = bm > run_max ? bm : run_max, down = run_max == -INFINITY ? 0.f : exp_f((run_max - hi) * inv_t);
+            float up = exp_f((ref - hi) * inv_t);
+            run_sum = run_sum * down + s * up;
+            total = total * (double)down + (double)s * (double)up;
+            run_max = hi;
+        }
         /* 2e-3 under: the final floor (1e-3 under) must not pass it through the running sum's
          * rounding. The log again only when the sum has grown by 1% (an older, lower floor is as safe). */
         if (run_sum > log_at * 1.01f || run_max != log_max) {
@@ -1016,13 +1023,18 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
     }
     if (run_max > -INFINITY) {
         float top = run_max;
-        double total = 0.0;
-        for (int64_t b = 0; b < nb; b++)
-            if (bsum[b] > 0.f) total += (double)bsum[b] * exp((double)(bref[b] - top) * inv_t);
         float tau = (float)((total - top_p * total) / (double)vocab);
         float floor_x = top + (logf(tau) - 1e-3f) * t;
-        int64_t kept = 0;
-        for (int64_t c = 0; c < nc; c++) { /* the final candidates, in order */
+        int64_t kept = 0, c = 0;
+#ifdef __AVX512F__
+        for (__m512 fv = _mm512_set1_ps(floor_x); c + 16 <= nc; c += 16) { /* compacted in place: kept <= c */
+            __m512i iv = _mm512_loadu_si512(ids + c);
+            __mmask16 in = _mm512_cmp_ps_mask(_mm512_i32gather_ps(iv, row, 4), fv, _CMP_GE_OQ);
+            _mm512_storeu_si512(ids + kept, _mm512_maskz_compress_epi32(in, iv));
+            kept += __builtin_popcount(in);
+        }
+#endif
+        for (; c < nc; c++) { /* the final candidates, in order */
             int32_t id = ids[c];
             ids[kept] = id;
             kept += row[id] >= floor_x;
@@ -1031,7 +1043,6 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
     }
 done:
     free(ids);
-    free(bref);
     return pick;
 }
 
