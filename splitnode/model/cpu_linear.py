@@ -12,7 +12,9 @@ reading its weights back.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import torch
 from torch import nn
@@ -40,6 +42,34 @@ def cpu_has_native_bf16() -> bool:
     AMX. oneDNN also runs bf16 on plain AVX-512, emulated: slower than float32 there."""
     cpu = torch.cpu
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+@functools.cache
+def bf16_is_faster() -> bool:
+    """Whether this CPU runs a decode step's GEMM faster in bfloat16 than in float32, measured once
+    per process (about 20 ms): a [32, 1024] x [1024, 2048] product both ways, the engine's packed
+    linear where oneDNN has one, best of 5 alternating rounds, bfloat16 only when 1.15x faster.
+    AVX-512 BF16 is no guarantee: AMD Zen 4 runs `vdpbf16ps` at twice its float32 FMA rate, but an
+    Intel Xeon without AMX at the same rate, and there oneDNN's bf16 GEMMs are 0.6-0.9x float32
+    (BENCHMARKS.md, "CPU engine")."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(2048, 1024, generator=g), torch.randn(32, 1024, generator=g)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        wd, xd = w.to(dtype), x.to(dtype)
+        runs[dtype] = (PackedLinear(wd, None) if can_pack(dtype) else (lambda v, wd=wd: v @ wd.t()), xd)
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.no_grad():
+        for f, xd in runs.values():
+            f(xd)
+        for _ in range(5):
+            for dtype, (f, xd) in runs.items():
+                t0 = time.perf_counter()
+                f(xd)
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    ratio = best[torch.float32] / best[torch.bfloat16]
+    log.info("CPU GEMM: bfloat16 %.2fx float32 here (dtype auto takes bfloat16 over 1.15x)", ratio)
+    return ratio > 1.15
 
 
 def can_pack(dtype: torch.dtype) -> bool:

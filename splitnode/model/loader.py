@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from splitnode.model.config import ModelConfig, parse_dtype
-from splitnode.model.cpu_linear import cpu_has_native_bf16
+from splitnode.model.cpu_linear import bf16_is_faster, cpu_has_native_bf16
 from splitnode.model.gguf import is_gguf_file
 from splitnode.model.llama import LlamaForCausalLM
 
@@ -127,15 +127,16 @@ def validate_checkpoint(path: Path, config: ModelConfig, headers: dict, source: 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelConfig, headers: dict) -> torch.dtype:
     """'auto': the checkpoint's dtype on an accelerator. On the CPU, bfloat16 where the weights are
-    stored in half precision (bf16 or fp16) and the CPU computes bf16 natively (AVX-512 BF16 or
-    AMX): such weights lose nothing, and the engine runs 1.8x faster (BENCHMARKS.md, "CPU engine").
-    Float32 otherwise: float32 checkpoints stay the exact path, and a CPU without bf16 instructions
-    would emulate it, slower than float32."""
+    stored in half precision (bf16 or fp16), the CPU computes bf16 natively (AVX-512 BF16 or AMX)
+    and its bf16 GEMMs are measured faster than float32's (`bf16_is_faster`): such weights lose
+    nothing, and the engine runs 1.8x faster on a Zen 4 (BENCHMARKS.md, "CPU engine"). Float32
+    otherwise: float32 checkpoints stay the exact path, a CPU without bf16 instructions would
+    emulate it, and an Intel Xeon without AMX runs bf16 GEMMs slower than float32."""
     if dtype != "auto":
         return parse_dtype(dtype)
     if device.type == "cpu":
         stored = _SAFETENSORS_DTYPES[headers["model.embed_tokens.weight"][2]]
-        return torch.bfloat16 if stored != torch.float32 and cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if stored != torch.float32 and cpu_has_native_bf16() and bf16_is_faster() else torch.float32
     if config.dtype is not None:
         return config.dtype
     return _SAFETENSORS_DTYPES[headers["model.embed_tokens.weight"][2]]

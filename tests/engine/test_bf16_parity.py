@@ -14,7 +14,7 @@ import torch
 from test_parity import CHECKPOINTS, prompts
 
 from splitnode import LLM, SamplingParams
-from splitnode.model.cpu_linear import can_pack, cpu_has_native_bf16
+from splitnode.model.cpu_linear import bf16_is_faster, can_pack, cpu_has_native_bf16
 
 MAX_MEAN_LOGPROB_DIFF = 0.1
 MIN_ARGMAX_AGREEMENT = 0.9
@@ -57,7 +57,8 @@ def test_bf16_logprobs_and_greedy_tokens_agree_with_transformers_bf16(name, make
 
 def test_auto_dtype_on_the_cpu_is_bf16_only_for_half_precision_weights_on_a_bf16_cpu(make_hf_checkpoint, tmp_path):
     """fp32 weights stay the exact float32 path; bf16 weights run in bf16 where the CPU has the
-    instructions (this machine's flags decide which way the second assertion goes)."""
+    instructions and its bf16 GEMMs are measured faster (this machine decides which way the second
+    assertion goes)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -70,7 +71,7 @@ def test_auto_dtype_on_the_cpu_is_bf16_only_for_half_precision_weights_on_a_bf16
     shutil.copytree(fp32, half)
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(half / "model.safetensors").items()}
     save_file(tensors, half / "model.safetensors", metadata={"format": "pt"})
-    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    want = torch.bfloat16 if cpu_has_native_bf16() and bf16_is_faster() else torch.float32
     assert load_model(half, "cpu")[0].lm_head.weight.dtype == want
     assert load_model(half, "cpu", dtype="float32")[0].lm_head.weight.dtype == torch.float32
 
