@@ -7,7 +7,8 @@ prefill's 1.25x and 1.1x, on the development machine (BENCHMARKS.md, "CPU engine
 keeps each dtype's arithmetic (float32 stays float32: no bf16 or TF32 inside), only the order of
 the sums changes. The packed weight replaces the plain one, so memory stays the same (but for a
 tied head, which gets a packed copy of the embedding); a packed model is for running, not for
-reading its weights back.
+reading its weights back. Where bf16 GEMMs are slower than float32 ones (an Intel Xeon without
+AMX), a bf16 model's linears are not packed but multiply prefills in float32 (`UpcastLinear`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ import time
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 log = logging.getLogger("splitnode")
 
 PACK_BATCH = 32  # the batch oneDNN picks the layout for; prefill-sized batches run as fast with it
+# UpcastLinear's float32 from here: on an Intel Xeon without AMX, 1.25x (128 rows) to 1.6x (2048)
+# faster than a bf16 GEMM, 0.93x at 64 rows (BENCHMARKS.md, "CPU engine")
+UPCAST_ROWS = 128
+UPCAST_CHUNK = 1 << 24  # weight entries converted at once (64 MB in float32): a big head's in slices
 
 
 class PackedLinear(nn.Module):
@@ -80,6 +86,31 @@ def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
 
 
+class UpcastLinear(nn.Module):
+    """A bfloat16 `nn.Linear` for a CPU whose bf16 GEMMs are slower than its float32 ones (an Intel
+    Xeon without AMX: 0.6x; `bf16_is_faster`): batches of UPCAST_ROWS rows or more (prefills)
+    multiply in float32, the weight converted for the call, the output rounded back to bfloat16;
+    smaller ones (decodes) stay bf16 GEMMs, which read half the weight bytes. The products are the
+    same either way (a bf16 product is exact in float32, and both sum in float32): only the order
+    of the sums differs. The weight is the loaded one, shared (a tied head's with the embedding)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] < UPCAST_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        x32, out = x.float(), x.new_empty(x.shape[0], self.out_features)
+        step = max(1, UPCAST_CHUNK // self.in_features)  # the float32 weight a slice at a time
+        for i in range(0, self.out_features, step):
+            bias = None if self.bias is None else self.bias[i:i + step].float()
+            out[:, i:i + step] = F.linear(x32, self.weight[i:i + step].float(), bias)
+        return out
+
+
 def _agrees(packed: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """One product both ways, on rows of a batch size oneDNN did not pack for: the internal ops'
     contract could change between torch versions, and a wrong answer must never be fast."""
@@ -92,11 +123,18 @@ def _agrees(packed: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @torch.no_grad()
 def pack_linears(model: nn.Module) -> int:
-    """Swaps every `nn.Linear` of a CPU model for a `PackedLinear` in place; returns how many. None
-    when oneDNN cannot run the model's dtype, or the first packed product disagrees with torch's."""
+    """Swaps every `nn.Linear` of a CPU model for a `PackedLinear` in place, or in bfloat16 on a CPU
+    whose bf16 GEMMs are slower than float32's for an `UpcastLinear`; returns how many. None when
+    oneDNN cannot run the model's dtype, or the first packed product disagrees with torch's."""
     linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and child.weight.device.type == "cpu"]
-    if not linears or not can_pack(linears[0][2].weight.dtype):
+    if not linears:
+        return 0
+    if linears[0][2].weight.dtype == torch.bfloat16 and not bf16_is_faster():
+        for parent, name, lin in linears:
+            setattr(parent, name, UpcastLinear(lin.weight, lin.bias))
+        return len(linears)  # a tied head stays the embedding's bf16 product: a step's few rows
+    if not can_pack(linears[0][2].weight.dtype):
         return 0
     for i, (parent, name, lin) in enumerate(linears):
         packed = PackedLinear(lin.weight, lin.bias)

@@ -49,3 +49,49 @@ def test_a_packed_model_gives_the_same_logits(make_hf_checkpoint, tied):
     if tied:  # the head got a packed copy; the embedding still looks tokens up
         assert model.model.embed_tokens.weight.shape == (config.vocab_size, config.hidden_size)
     torch.testing.assert_close(logits(), before, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 32, 127, 128, 300])
+def test_an_upcast_linear_gives_torchs_bf16_product(rows, monkeypatch):
+    """bf16 in float32 from UPCAST_ROWS rows (the weight in slices: a small chunk here makes three):
+    the same exact products summed in float32, so the same bf16 output but for rare one-ulp flips."""
+    from splitnode.model import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "UPCAST_CHUNK", 40 * 80)
+    g = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(96, 80, generator=g) / 80 ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
+    got = cpu_linear.UpcastLinear(weight, bias)(x)
+    want = nn.functional.linear(x.float(), weight.float(), bias.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=8e-3)  # bf16 rounding of the output
+    assert (got == want.to(torch.bfloat16)).float().mean() > 0.99
+
+
+def test_a_bf16_model_where_bf16_is_slower_multiplies_prefills_in_float32(make_hf_checkpoint, monkeypatch):
+    """pack_linears on a CPU whose bf16 GEMMs are measured slower (forced here: the decision is the
+    measurement's, tested by its own use in dtype auto): UpcastLinears sharing the loaded weights,
+    the tied head left to the embedding, and the model's logits those of the unswapped model."""
+    from splitnode.model import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "bf16_is_faster", lambda: False)
+    path = make_hf_checkpoint("LlamaForCausalLM", tie_word_embeddings=True)
+    model, config = load_model(path, "cpu", dtype="bfloat16")
+    ids = torch.randint(0, config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+
+    def logits():
+        caches = [(k.bfloat16(), v.bfloat16()) for k, v in empty_kv_caches(config, num_blocks=16)]
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, torch.arange(200), prefill_context(caches, 200)))
+
+    before = logits()
+    q = model.model.layers[0].self_attn.qkv_proj.weight
+    num_linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert num_linears > 0 and pack_linears(model) == num_linears
+    layer = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(layer, cpu_linear.UpcastLinear) and layer.weight.data_ptr() == q.data_ptr()
+    assert model.lm_head is None and not any(type(m) is nn.Linear for m in model.modules())
+    after = logits()
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.95
+    torch.testing.assert_close(after, before, atol=0.1, rtol=0)
