@@ -133,6 +133,34 @@ def test_prefill_attention(dtype, lq, lk, h, hkv, d):
         torch.testing.assert_close(out[1:-1], want, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("lq,lk,h,hkv,d", [(300, 300, 8, 2, 64), (33, 90, 6, 2, 64), (200, 260, 4, 4, 128)])
+def test_both_bf16_prefill_forms_match_the_torch_path(lq, lk, h, hkv, d):
+    """vdpbf16ps (where the build has AVX512-BF16) and the conversion to float32 FMAs, whichever this
+    CPU's measurement picked: each within bf16 rounding of the float32 reference."""
+    from splitnode.model.attention import _causal_attention_cpu
+
+    if not cpu.built_with_avx512():
+        pytest.skip("no AVX-512: no prefill form")
+    qkv = rand(lk, (h + 2 * hkv) * d, dtype=torch.bfloat16, scale=2)
+    q = qkv[lk - lq:, :h * d].view(lq, h, d)
+    k, v = (t.view(lk, hkv, d) for t in qkv[:, h * d:].split(hkv * d, dim=-1))
+    want = _causal_attention_cpu(q.float(), k.float(), v.float(), d ** -0.5)
+    chosen = cpu.bf16_dot_product()
+    outs = {}
+    try:
+        for on in (1, 0):
+            if cpu.lib().set_bf16_dot(on) != on:
+                continue  # built without AVX512-BF16: the conversion only
+            outs[on] = torch.empty(lq, h, d, dtype=torch.bfloat16)
+            assert cpu.prefill_attention(q, k, v, d ** -0.5, outs[on])
+            torch.testing.assert_close(outs[on].float(), want, atol=1.5e-2, rtol=1.5e-2)
+    finally:
+        cpu.lib().set_bf16_dot(int(chosen))
+    assert 0 in outs and (len(outs) == 2) == (" avx512_bf16" in cpu._cpu_flags())
+    if len(outs) == 2:  # two forms, not one twice: the dot product rounds the softmax weights to bf16
+        assert not torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("vocab", [1, 5, 16, 17, 261, 4096, 49152 + 3])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # 40 x 49155 crosses the size the argmax goes parallel at
 def test_argmax_is_torchs(vocab, rows):
