@@ -14,7 +14,7 @@ class EngineConfig:
 
     model: str | None = None
     device: str = "cpu"
-    dtype: str = "auto"  # the checkpoint's dtype on CUDA; on CPU bf16 for half-precision weights where bf16 GEMMs are faster, else fp32
+    dtype: str = "auto"  # the checkpoint's dtype on CUDA; on CPU bf16 for half weights where bf16 GEMMs are faster, else fp32
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: sized from kv_cache_gib / gpu_memory_utilization
     kv_cache_gib: float | None = None  # KV pool size; default 1 GiB on CPU
