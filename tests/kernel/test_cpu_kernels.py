@@ -156,7 +156,7 @@ def test_both_bf16_prefill_forms_match_the_torch_path(lq, lk, h, hkv, d):
             torch.testing.assert_close(outs[on].float(), want, atol=1.5e-2, rtol=1.5e-2)
     finally:
         cpu.lib().set_bf16_dot(int(chosen))
-    assert 0 in outs and (len(outs) == 2) == (" avx512_bf16" in cpu._cpu_flags())
+    assert 0 in outs  # and 1 where the compiler built AVX512-BF16 (-march=native on a CPU with it)
     if len(outs) == 2:  # two forms, not one twice: the dot product rounds the softmax weights to bf16
         assert not torch.equal(outs[0], outs[1])
 
