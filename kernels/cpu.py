@@ -64,14 +64,17 @@ def _cpu_flags() -> str:
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    """The shared library, compiled unless this source, compiler and CPU already have one cached.
+    """The shared library, compiled unless this source, compiler (its path and version) and CPU
+    already have one cached.
     Raises RuntimeError (one line) when there is no compiler or it fails."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), *map(str.encode, version),
+    # the compiler's own path too: a wrapper that adds flags prints the --version of what it wraps
+    where = os.path.realpath(shutil.which(cc) or cc)
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), *map(str.encode, version), where.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitnode" / "kernels"
     out = base / f"cpu-{key}.so"

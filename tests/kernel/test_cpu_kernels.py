@@ -4,6 +4,8 @@ order), within float32 rounding in float32; the AVX-512 decode path
 (head_dim 64/128, groups of 1-8) and the generic one (any other shape); strided q/k views of a
 fused QKV output; the build's cache and its one-line failure."""
 
+import os
+
 import pytest
 import torch
 
@@ -192,6 +194,21 @@ def test_build_is_cached_and_a_bad_compiler_is_one_line(tmp_path, monkeypatch):
         cpu.build(tmp_path / "other")
     assert "\n" not in str(e.value)
     assert list((tmp_path / "other").iterdir()) == []  # no half-written library left behind
+
+
+def test_another_compiler_path_gets_its_own_build(tmp_path, monkeypatch):
+    """A wrapper around the same compiler (it prints the same --version) may pass other flags:
+    its build is not the plain compiler's."""
+    import shutil
+
+    real = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    first = cpu.build(tmp_path)
+    wrapper = tmp_path / "cc-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec "{shutil.which(real) or real}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    second = cpu.build(tmp_path)
+    assert second.exists() and second != first
 
 
 def test_disabled_kernels_leave_the_references(monkeypatch):
