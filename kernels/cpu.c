@@ -1011,8 +1011,8 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
     float inv_t = 1.f / t, log_share = logf((1.f - top_p) / (float)vocab);
     int64_t nb = (vocab + TOP_P_BLOCK - 1) / TOP_P_BLOCK, cap = 4 * TOP_P_BLOCK, nc = 0;
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)cap);
-    float run_max = -INFINITY, run_sum = 0.f; /* the mass read so far, relative to run_max */
-    double total = 0.0; /* the same, in double: the row's mass for the draw */
+    float run_max = -INFINITY;
+    double total = 0.0; /* the mass read so far, relative to run_max: the floor's, and the draw's at the end */
     float log_at = 0.f, log_max = -INFINITY, fx = -INFINITY; /* the floor, and the sum and maximum it is for */
     int64_t pick = -1;
     for (int64_t b = 0; b < nb; b++) {
@@ -1037,19 +1037,18 @@ static int64_t top_p_row(const float *row, int64_t vocab, float t, float top_p, 
         if (bad || bm == INFINITY || ref == INFINITY) goto done; /* no distribution: -1 */
         if (bm == -INFINITY) continue;
         if (ref == run_max && bm <= run_max) { /* most blocks: the maximum stands, no rescale */
-            run_sum += s, total += s;
+            total += s;
         } else { /* a new maximum: the mass so far rescaled to it (ref is run_max or bm) */
             float hi = bm > run_max ? bm : run_max, down = run_max == -INFINITY ? 0.f : exp_f((run_max - hi) * inv_t);
             float up = exp_f((ref - hi) * inv_t);
-            run_sum = run_sum * down + s * up;
             total = total * (double)down + (double)s * (double)up;
             run_max = hi;
         }
         /* 2e-3 under: the final floor (1e-3 under) must not pass it through the running sum's
          * rounding. The log again only when the sum has grown by 1% (an older, lower floor is as safe). */
-        if (run_sum > log_at * 1.01f || run_max != log_max) {
-            log_at = run_sum, log_max = run_max;
-            fx = run_max + (logf(run_sum) + log_share - 2e-3f) * t;
+        if ((float)total > log_at * 1.01f || run_max != log_max) {
+            log_at = (float)total, log_max = run_max;
+            fx = run_max + (logf(log_at) + log_share - 2e-3f) * t;
         }
     }
     if (run_max > -INFINITY) {

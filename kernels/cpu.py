@@ -116,6 +116,20 @@ def lib() -> ctypes.CDLL | None:
     return so
 
 
+def best_times(calls: dict, rounds: int) -> dict:
+    """Each call's best wall time in seconds over `rounds` alternating rounds, after one untimed call
+    each: for the measured choices between two forms of the same work."""
+    for f in calls.values():
+        f()
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for key, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
 @functools.cache
 def bf16_dot_product() -> bool:
     """Whether bfloat16 prefill attention multiplies with AVX512-BF16's vdpbf16ps (where the build
@@ -129,14 +143,15 @@ def bf16_dot_product() -> bool:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(384, n, 64, generator=g).to(torch.bfloat16) for n in (8, 2, 2))
     out = torch.empty_like(q)
-    best = {1: float("inf"), 0: float("inf")}
-    for _ in range(5):
-        for on in best:
+
+    def form(on: int):
+        def run():
             so.set_bf16_dot(on)
-            t0 = time.perf_counter()
             so.prefill_attention_bf16(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                                       384, 384, 8, 2, 64, 0.125, out.data_ptr(), out.stride(0))
-            best[on] = min(best[on], time.perf_counter() - t0)
+        return run
+
+    best = best_times({1: form(1), 0: form(0)}, 5)
     on = best[1] <= best[0]
     so.set_bf16_dot(int(on))
     log.info("bf16 prefill attention: %s (%.2f against %.2f ms)", "vdpbf16ps" if on else "float32 FMAs",

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from splitnode.kernels.cpu import best_times
 
 log = logging.getLogger("splitnode")
 
@@ -53,26 +54,20 @@ def cpu_has_native_bf16() -> bool:
 @functools.cache
 def bf16_is_faster() -> bool:
     """Whether this CPU runs a decode step's GEMM faster in bfloat16 than in float32, measured once
-    per process (about 20 ms): a [32, 1024] x [1024, 2048] product both ways, the engine's packed
-    linear where oneDNN has one, best of 5 alternating rounds, bfloat16 only when 1.15x faster.
-    AVX-512 BF16 is no guarantee: AMD Zen 4 runs `vdpbf16ps` at twice its float32 FMA rate, but an
-    Intel Xeon without AMX at the same rate, and there oneDNN's bf16 GEMMs are 0.6-0.9x float32
-    (BENCHMARKS.md, "CPU engine")."""
+    per process (about 50 ms, the packing included): a [32, 1024] x [1024, 2048] product both ways,
+    the engine's packed linear where oneDNN has one, best of 5 alternating rounds, bfloat16 only
+    when 1.15x faster. AVX-512 BF16 is no guarantee: AMD Zen 4 runs `vdpbf16ps` at twice its float32
+    FMA rate, but an Intel Xeon without AMX at the same rate, and there oneDNN's bf16 GEMMs are
+    0.6-0.9x float32 (BENCHMARKS.md, "CPU engine")."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2048, 1024, generator=g), torch.randn(32, 1024, generator=g)
-    runs = {}
+    calls = {}
     for dtype in (torch.float32, torch.bfloat16):
         wd, xd = w.to(dtype), x.to(dtype)
-        runs[dtype] = (PackedLinear(wd, None) if can_pack(dtype) else (lambda v, wd=wd: v @ wd.t()), xd)
-    best = dict.fromkeys(runs, float("inf"))
+        f = PackedLinear(wd, None) if can_pack(dtype) else (lambda v, wd=wd: v @ wd.t())
+        calls[dtype] = lambda f=f, xd=xd: f(xd)
     with torch.no_grad():
-        for f, xd in runs.values():
-            f(xd)
-        for _ in range(5):
-            for dtype, (f, xd) in runs.items():
-                t0 = time.perf_counter()
-                f(xd)
-                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+        best = best_times(calls, 5)
     ratio = best[torch.float32] / best[torch.bfloat16]
     log.info("CPU GEMM: bfloat16 %.2fx float32 here (dtype auto takes bfloat16 over 1.15x)", ratio)
     return ratio > 1.15
@@ -92,7 +87,7 @@ class UpcastLinear(nn.Module):
     multiply in float32, the weight converted for the call, the output rounded back to bfloat16;
     smaller ones (decodes) stay bf16 GEMMs, which read half the weight bytes. The products are the
     same either way (a bf16 product is exact in float32, and both sum in float32): only the order
-    of the sums differs. The weight is the loaded one, shared (a tied head's with the embedding)."""
+    of the sums differs. The weight is the loaded one, not a copy."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
